@@ -1,0 +1,88 @@
+"""The on-disk cache: content-addressed keys, atomic writes, checked reads.
+
+Everything expensive (trained models, ground-truth shards) is stored under ``cache_dir``
+by a key that hashes everything that determines it. Files are written to a hidden temporary
+name beside the target and renamed into place (``os.replace`` is atomic on POSIX), so a
+reader never sees half a file and an interrupted writer leaves only a temp file, which is
+ignored and later swept. Each payload stores its own key; a file that fails to load or
+carries another key is reported, deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+_HOST = socket.gethostname().split(".")[0].replace(".", "-") or "host"
+
+
+def hash_key(spec: Any, length: int = 16) -> str:
+    """A stable hex digest of a JSON-serialisable ``spec`` (dict keys sorted)."""
+    text = json.dumps(spec, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """Writes ``payload`` with ``torch.save`` to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checked(path: Path, key: str) -> dict[str, Any] | None:
+    """Loads a payload written by :func:`save_atomic` if it exists and carries ``key``.
+
+    A corrupt or foreign file is logged, removed, and reported as missing (None).
+    """
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("key") != key:
+            raise ValueError(f"key mismatch (expected {key})")
+        return payload
+    except Exception as err:  # noqa: BLE001 - any unreadable file is treated the same way
+        log.warning("Cache file %s is corrupt (%s); deleting it and recomputing.", path, err)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def sweep_stale_temp_files(directory: Path) -> int:
+    """Removes temp files left by writers on this host that died (their PID is gone).
+
+    Temp files of other hosts (a shared cache on a cluster) are left to their own hosts.
+
+    Returns:
+        the number of files removed.
+    """
+    removed = 0
+    for tmp in directory.glob(".*.tmp") if directory.exists() else []:
+        parts = tmp.name.rsplit(".", 4)
+        host, pid = (parts[1], parts[2]) if len(parts) == 5 else ("", "")
+        if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

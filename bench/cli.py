@@ -1,0 +1,152 @@
+"""The ``tda-bench`` command: one run = (task, estimator, seed) -> metrics.
+
+    task config ──► trained model (cached) ──► AttributionProblem ──► estimator.fit/score
+                 └► ground truth (cached, sharded) ─────────────────► metrics ──► records, W&B
+
+``stage=ground_truth`` computes one ground-truth shard and stops (for fan-out as jobs);
+``stage=all`` (default) runs the whole benchmark.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bench import ground_truth as gt
+from bench.cache import hash_key, load_checked, save_atomic
+from bench.loggers import flatten
+from bench.metrics import evaluate
+from bench.record import peak_rss_mb, provenance, write_records
+from estimators.problem import Checkpoint
+from tasks.base import Task
+
+log = logging.getLogger("tda-bench")
+
+CONF_DIR = str(resources.files("conf"))
+USER_ERRORS = (ValueError, gt.GroundTruthMissing, FloatingPointError, FileNotFoundError)
+
+
+def task_config(cfg: DictConfig) -> dict[str, Any]:
+    """The task's resolved config: what (with the class VERSION) keys every task cache."""
+    return OmegaConf.to_container(cfg.task, resolve=True)
+
+
+def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
+    """The attributed model for ``cfg.seed``: from the cache, or trained and cached."""
+    identity = {"task": cfg.task_name, "config": task_config(cfg), "version": task.VERSION,
+                "class": type(task).__qualname__, "seed": cfg.seed, "what": "model"}
+    key = hash_key(identity)
+    path = Path(cache_dir) / "models" / cfg.task_name / f"{key}.pt"
+    model = task.build_model(cfg.seed)
+    payload = load_checked(path, key)
+    if payload is None:
+        log.info("Training %s (seed %d)", cfg.task_name, cfg.seed)
+        checkpoints = task.fit(model, seed=cfg.seed, progress=cfg.progress)
+        save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path)
+    else:
+        log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, cfg.seed, path)
+        checkpoints = [Checkpoint(**c) for c in payload["checkpoints"]]
+    model.load_state_dict(checkpoints[-1].state_dict)
+    return model, checkpoints
+
+
+def ground_truths(task: Task, cfg: DictConfig, options: gt.GroundTruthOptions) -> dict:
+    """Every ground truth the task offers, from the cache or computed."""
+    plans = [gt.plan(task, cfg.task_name, task_config(cfg), kind) for kind in task.ground_truths]
+    return {p.kind: gt.load_or_compute(task, p, Path(cfg.cache_dir), options) for p in plans}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one benchmark job and returns its record (also written to the run directory)."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    torch.manual_seed(cfg.seed)
+    options = gt.GroundTruthOptions(**cfg.ground_truth)
+    task: Task = instantiate(cfg.task, device=cfg.device)
+
+    if cfg.stage == "ground_truth":
+        paths = []
+        for kind in task.ground_truths:
+            plan = gt.plan(task, cfg.task_name, task_config(cfg), kind)
+            paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
+                                          options.num_shards, options.num_threads))
+        log.info("Ground-truth shard %d/%d written: %s", options.shard + 1, options.num_shards,
+                 ", ".join(map(str, paths)))
+        return {"stage": "ground_truth", "shards": [str(p) for p in paths]}
+    if cfg.stage != "all":
+        raise ValueError(f"stage must be 'all' or 'ground_truth', got {cfg.stage!r}")
+
+    truths = ground_truths(task, cfg, options)
+    model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
+    problem = task.problem(model, checkpoints).to(task.device)
+    estimator = instantiate(cfg.estimator)
+
+    start = time.perf_counter()
+    estimator.fit(problem)
+    fitted = time.perf_counter()
+    scores = estimator.score(problem).detach().float().cpu()
+    scored = time.perf_counter()
+    if scores.shape != (problem.n_queries, problem.n_train):
+        raise RuntimeError(f"{cfg.estimator_name} returned scores of shape {tuple(scores.shape)},"
+                           f" expected {(problem.n_queries, problem.n_train)}")
+
+    metrics, per_query = evaluate(scores, truths)
+    metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
+                   peak_rss_mb=peak_rss_mb())
+    record = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": int(cfg.seed),
+              **metrics, **provenance(command_line())}
+    write_records(out_dir, record, per_query, scores if cfg.save_scores else None)
+
+    group = cfg.experiment_name or cfg.task_name
+    logger = instantiate(cfg.logger)
+    logger.log_run(name=f"{cfg.task_name}/{cfg.estimator_name}/seed{cfg.seed}", group=group,
+                   job_type=cfg.estimator_name, config=OmegaConf.to_container(cfg, resolve=True),
+                   metrics=metrics, out_dir=out_dir)
+    print_table(record, out_dir)
+    return record
+
+
+def command_line() -> str:
+    """The ``tda-bench`` command that reproduces this job (its overrides)."""
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        overrides = sys.argv[1:]
+    return " ".join(["tda-bench", *overrides])
+
+
+def print_table(record: dict[str, Any], out_dir: Path) -> None:
+    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
+            "peak_rss_mb"]
+    lines = [f"{record['task']} / {record['estimator']} / seed {record['seed']}"]
+    lines += [f"  {k:<14} {record[k]:>10.4f}" for k in keys if record.get(k) is not None]
+    lines.append(f"  records in {out_dir}")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Entry point of the ``tda-bench`` console script."""
+    try:
+        run(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("TDA_BENCH_DEBUG"):
+            raise
+        log.error("%s", err)
+        print(f"tda-bench: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["main", "run", "flatten"]

@@ -1,0 +1,216 @@
+"""Ground truth by retraining: leave-one-out (LOO) and the linear datamodeling score (LDS).
+
+* ``loo`` (convex tasks): retrain without each of ``n`` training points drawn by a seeded
+  generator, warm-started from the full-data optimum; effect = f(θ) − f(θ₋ₘ) per query.
+* ``lds`` (Park et al. 2023): ``subsets`` random subsets of a ``fraction`` of the training
+  set, each retrained with ``seeds`` seeds; the seed-averaged measurement per query.
+
+Both use the task's own :meth:`~tasks.base.Task.fit`, so retrained models share every
+hyperparameter with the attributed one. Ground truth depends only on the task config (never
+on the run's ``seed`` or estimator): it is keyed by a hash of the task config, the
+ground-truth settings and the task's ``VERSION``, and shared by every run of the task.
+
+The work is a list of retraining *units* (one subset and seed, or one removed point); shard
+``s`` of ``S`` takes units ``s, s+S, s+2S, ...`` and is written atomically as its own file,
+so shards can run as separate jobs (SLURM arrays). Torch's thread count is fixed while
+retraining so that every sharding gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.cache import hash_key, load_checked, save_atomic, sweep_stale_temp_files
+from tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout or meaning of ground-truth files changes
+RETRAIN_SEED_BASE = 10_000  # retraining seeds never coincide with attributed-model seeds
+
+
+@dataclass(frozen=True)
+class GroundTruthOptions:
+    """How ground truth is computed (not *what*: that is the task config).
+
+    Args:
+        shard: which shard this process computes in ``stage=ground_truth``.
+        num_shards: how many shards the work is split into.
+        num_threads: torch threads while retraining (fixed, for reproducibility).
+        on_missing: ``compute`` missing shards in this process, or ``error`` with the list
+            and the command that computes them.
+    """
+
+    shard: int = 0
+    num_shards: int = 1
+    num_threads: int = 1
+    on_missing: str = "compute"
+
+    def __post_init__(self):
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"ground_truth.shard must be in [0, {self.num_shards}), got "
+                             f"{self.shard}")
+        if self.on_missing not in ("compute", "error"):
+            raise ValueError(f"ground_truth.on_missing must be 'compute' or 'error', got "
+                             f"{self.on_missing!r}")
+
+
+class GroundTruthMissing(RuntimeError):
+    """Raised when shards are missing and ``on_missing=error``."""
+
+
+@dataclass
+class Plan:
+    """What a ground truth retrains: its cache key, spec and units."""
+
+    task_name: str
+    kind: str
+    key: str
+    spec: dict[str, Any]
+    units: list[int]
+    meta: dict[str, torch.Tensor]
+
+    def directory(self, cache_dir: Path) -> Path:
+        return Path(cache_dir) / "ground_truth" / self.task_name / f"{self.kind}-{self.key}"
+
+    def shard_path(self, cache_dir: Path, shard: int, num_shards: int) -> Path:
+        return self.directory(cache_dir) / f"shard-{shard:04d}-of-{num_shards:04d}.pt"
+
+
+def plan(task: Task, task_name: str, task_cfg: dict, kind: str) -> Plan:
+    """The retraining plan of one ground-truth ``kind`` of ``task``."""
+    if kind not in task.ground_truths:
+        raise ValueError(f"task {task_name} offers ground truth {task.ground_truths}, not {kind}")
+    spec = dict(getattr(task, kind))
+    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    n = task.n_train
+    if kind == "lds":
+        spec = {"subsets": 50, "fraction": 0.5, "seeds": 1, "seed": 0, **spec}
+        size = int(round(spec["fraction"] * n))
+        masks = torch.zeros(spec["subsets"], n, dtype=torch.bool)
+        for j in range(spec["subsets"]):
+            masks[j, torch.randperm(n, generator=gen)[:size]] = True
+        meta = {"masks": masks}
+        units = list(range(spec["subsets"] * spec["seeds"]))
+    else:
+        spec = {"n": 50, "seed": 0, **spec}
+        meta = {"indices": torch.randperm(n, generator=gen)[: spec["n"]]}
+        units = list(range(spec["n"]))
+    identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
+                "version": task.VERSION, "kind": kind, "spec": spec, "format": FORMAT}
+    return Plan(task_name, kind, hash_key(identity), spec, units, meta)
+
+
+def _retrain(task: Task, plan: Plan, unit: int, init: dict | None) -> torch.Tensor:
+    """The query measurements ``[n_queries]`` of the model retrained for one unit."""
+    n = task.n_train
+    if plan.kind == "lds":
+        subset, k = divmod(unit, plan.spec["seeds"])
+        seed = RETRAIN_SEED_BASE + k
+        indices = plan.meta["masks"][subset].nonzero().flatten()
+        model = task.build_model(seed)
+    else:
+        seed = RETRAIN_SEED_BASE
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[plan.meta["indices"][unit]] = False
+        indices = keep.nonzero().flatten()
+        model = task.build_model(seed)
+        model.load_state_dict(init)  # warm start from the full-data optimum
+    task.fit(model, seed=seed, indices=indices)
+    return task.measure_queries(model)
+
+
+def _reference(task: Task) -> tuple[dict, torch.Tensor]:
+    """The full-data model of LOO (seed-independent for a convex task) and f(θ)."""
+    model = task.build_model(RETRAIN_SEED_BASE)
+    task.fit(model, seed=RETRAIN_SEED_BASE)
+    return model.state_dict(), task.measure_queries(model)
+
+
+def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shards: int,
+                  num_threads: int = 1) -> Path:
+    """Computes one shard (if not cached) and writes it atomically; returns its path."""
+    path = plan.shard_path(cache_dir, shard, num_shards)
+    sweep_stale_temp_files(path.parent)
+    if load_checked(path, plan.key) is not None:
+        return path
+    units = plan.units[shard::num_shards]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        init, reference = _reference(task) if plan.kind == "loo" else (None, None)
+        desc = f"{plan.kind.upper()} retraining, shard {shard + 1}/{num_shards}"
+        values = [_retrain(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
+    finally:
+        torch.set_num_threads(previous_threads)
+    payload = {"key": plan.key, "units": torch.tensor(units, dtype=torch.long),
+               "values": torch.stack(values) if values else torch.zeros(0)}
+    if reference is not None:
+        payload["reference"] = reference
+    save_atomic(payload, path)
+    return path
+
+
+def missing_shards(plan: Plan, cache_dir: Path, num_shards: int) -> list[int]:
+    """Shards of a ``num_shards`` split that have no valid file yet."""
+    return [s for s in range(num_shards)
+            if load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key) is None]
+
+
+def assemble(plan: Plan, cache_dir: Path, num_shards: int) -> dict[str, torch.Tensor]:
+    """Joins the shards of a complete split into the ground truth.
+
+    Returns:
+        for ``lds``: ``masks [M, N]``, ``values [M, K, Q]`` (per seed) and ``outputs [M, Q]``
+        (seed-averaged); for ``loo``: ``indices [L]``, ``reference [Q]`` and
+        ``effects [L, Q]`` = f(θ) − f(θ₋ₘ).
+    """
+    payloads = [load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key)
+                for s in range(num_shards)]
+    if any(p is None for p in payloads):
+        raise GroundTruthMissing(f"{plan.kind} ground truth is incomplete")
+    units = torch.cat([p["units"] for p in payloads])
+    values = torch.cat([p["values"] for p in payloads if p["values"].numel()])
+    values = values[torch.argsort(units)]
+    if plan.kind == "lds":
+        per_seed = values.view(plan.spec["subsets"], plan.spec["seeds"], -1)
+        return {"masks": plan.meta["masks"], "values": per_seed, "outputs": per_seed.mean(1)}
+    reference = payloads[0]["reference"]
+    return {"indices": plan.meta["indices"], "reference": reference,
+            "effects": reference[None, :] - values}
+
+
+def complete_split(plan: Plan, cache_dir: Path) -> int | None:
+    """The shard count of a split already complete in the cache (any ``num_shards``), or None."""
+    counts = sorted({int(p.stem.rsplit("-", 1)[-1])
+                     for p in plan.directory(cache_dir).glob("shard-*-of-*.pt")})
+    return next((n for n in counts if not missing_shards(plan, cache_dir, n)), None)
+
+
+def load_or_compute(task: Task, plan: Plan, cache_dir: Path,
+                    options: GroundTruthOptions) -> dict[str, torch.Tensor]:
+    """The ground truth of ``plan``: from the cache (a complete split of any shard count), or
+    computed where ``on_missing`` allows."""
+    done = complete_split(plan, cache_dir)
+    if done is not None:
+        return assemble(plan, cache_dir, done)
+    missing = missing_shards(plan, cache_dir, options.num_shards)
+    if missing and options.on_missing == "error":
+        shards = ",".join(map(str, missing))
+        raise GroundTruthMissing(
+            f"{plan.kind} ground truth of task {plan.task_name} is missing shards {missing} of "
+            f"{options.num_shards} (in {plan.directory(cache_dir)}). Compute them with:\n"
+            f"  tda-bench -m stage=ground_truth task={plan.task_name} "
+            f"ground_truth.num_shards={options.num_shards} ground_truth.shard={shards}\n"
+            "(plus the same task overrides and cache_dir as this run), or set "
+            "ground_truth.on_missing=compute to compute them here."
+        )
+    for shard in missing:
+        compute_shard(task, plan, cache_dir, shard, options.num_shards, options.num_threads)
+    return assemble(plan, cache_dir, options.num_shards)

@@ -1,0 +1,81 @@
+"""Run records: ``metrics.json``, ``per_query.csv`` and ``scores.pt`` in the run directory.
+
+``metrics.json`` holds the metrics under stable keys (``lds``, ``lds_sem``, ``loo_pearson``,
+``loo_spearman``, ``fit_seconds``, ``score_seconds``, ``peak_rss_mb``, ...), the run's
+identity (``task``, ``estimator``, ``seed``) and its provenance (command, date, package
+versions, commit), so that a leaderboard row can say exactly where it came from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+PACKAGES = ("tda-bench", "torch", "lightning", "hydra-core", "transformers", "wandb", "scipy",
+            "numpy", "pandas", "scikit-learn", "bm25s")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that determine results."""
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def commit() -> str:
+    """The git commit of the tda-bench source tree (``+dirty`` with local changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty.strip() else "")
+
+
+def provenance(command: str) -> dict[str, Any]:
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return {"command": command, "date": now, "versions": versions(), "commit": commit()}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_records(out_dir: Path, record: dict[str, Any], per_query: dict[str, np.ndarray],
+                  scores: torch.Tensor | None) -> None:
+    """Writes ``metrics.json``, ``per_query.csv`` (one row per query) and ``scores.pt``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "metrics.json", "w") as f:
+        json.dump({k: _clean(v) for k, v in record.items()}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if per_query:
+        frame = pd.DataFrame(per_query)
+        frame.insert(0, "query", np.arange(len(frame)))
+        frame.to_csv(out_dir / "per_query.csv", index=False)
+    if scores is not None:
+        torch.save(scores, out_dir / "scores.pt")

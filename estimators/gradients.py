@@ -1,0 +1,258 @@
+"""The shared per-example-gradient engine: hooks on linear layers.
+
+Every gradient estimator gets its gradients here and nowhere else. A forward hook on each
+tracked layer (``nn.Linear`` and transformers' ``Conv1D``) keeps the layer's input ``a`` and
+its output; one ``torch.autograd.grad`` of the summed per-example values then gives the
+output gradient ``g`` for every example at once, without touching ``param.grad``. A layer's
+per-example gradient is ``Σ_t g_t ā_tᵀ`` (``ā`` = input with a homogeneous 1 for the bias,
+Grosse et al. 2023 §3.1), laid out as ``[d_out, d_in (+1)]``; the tracked layers' parameters
+are the θ every estimator attributes through.
+
+Memory: a chunk of ``B`` examples holds ``B × P`` gradient entries; training sets are
+streamed chunk by chunk (:meth:`GradientEngine.stream`), never held whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from estimators.problem import AttributionProblem, Batch, move_to
+
+LayerGrads = dict[str, Tensor]  # layer name -> [B, d_out, d_in(+1)]
+
+MODULE_FILTERS = {"all": None, "mlp_only": r"(^|\.)(mlp|fc\d*|ffn|feed_forward)(\.|$)"}
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A tracked layer and how its ``[d_out, d_in(+1)]`` layout maps to its parameters."""
+
+    name: str
+    module: nn.Module
+    transposed: bool  # Conv1D stores its weight as [d_in, d_out]
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        weight = self.module.weight
+        d_out, d_in = weight.shape[::-1] if self.transposed else weight.shape
+        return d_out, d_in + int(self.has_bias)
+
+    def matrix(self) -> Tensor:
+        """The layer's parameters as one ``[d_out, d_in(+1)]`` matrix."""
+        w = self.module.weight.T if self.transposed else self.module.weight
+        return torch.cat([w, self.module.bias[:, None]], dim=1) if self.has_bias else w
+
+    def split(self, matrix: Tensor) -> dict[str, Tensor]:
+        """Splits a ``[..., d_out, d_in(+1)]`` matrix into ``{weight, bias}`` as the params."""
+        w = matrix[..., :-1] if self.has_bias else matrix
+        out = {"weight": w.transpose(-1, -2) if self.transposed else w}
+        if self.has_bias:
+            out["bias"] = matrix[..., -1]
+        return out
+
+
+def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
+    """The linear layers of ``model`` whose parameters are attributed through.
+
+    Args:
+        modules: ``None`` or ``"all"`` for every linear layer, ``"mlp_only"`` for the MLP
+            blocks of a transformer (Grosse et al. 2023 attribute through MLP layers only),
+            or a regular expression searched in the module's qualified name.
+    """
+    pattern = MODULE_FILTERS.get(modules or "all", modules)
+    conv1d = _conv1d_type()
+    layers = []
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear)
+        is_conv1d = conv1d is not None and isinstance(module, conv1d)
+        if (is_linear or is_conv1d) and (pattern is None or re.search(pattern, name)):
+            layers.append(Layer(name, module, transposed=is_conv1d))
+    if not layers:
+        raise ValueError(
+            f"No linear layer of {type(model).__name__} matches modules={modules!r}; use "
+            "'all', 'mlp_only' or a regular expression that matches some nn.Linear/Conv1D names."
+        )
+    return layers
+
+
+class GradientEngine:
+    """Per-example gradients (and K-FAC statistics) of a model's tracked linear layers.
+
+    Args:
+        model: the model; its tracked parameters must require grad.
+        modules: the layer filter of :func:`tracked_layers`.
+    """
+
+    def __init__(self, model: nn.Module, modules: str | None = None):
+        self.model = model
+        self.layers = tracked_layers(model, modules)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def num_params(self) -> int:
+        return sum(o * i for o, i in (layer.shape for layer in self.layers))
+
+    @contextmanager
+    def _hooks(self) -> Iterator[dict[str, list[tuple[Tensor, Tensor]]]]:
+        seen: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in self.layers}
+
+        def hook(name: str) -> Callable:
+            def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+                seen[name].append((inputs[0].detach(), output))
+            return keep
+
+        handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in self.layers]
+        try:
+            yield seen
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def capture(
+        self, fn: Callable[[nn.Module, Batch], Tensor], batch: Batch
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Layer inputs and output gradients of the per-example values ``fn(model, batch)``.
+
+        Returns:
+            ``{layer: (a, g)}`` with ``a`` ``[B, T, d_in(+1)]`` (homogeneous 1 appended when the
+            layer has a bias) and ``g`` ``[B, T, d_out]``; ``T`` is 1 for non-sequence inputs and
+            counts every call of a layer that is used more than once.
+        """
+        with self._hooks() as seen:
+            values = fn(self.model, batch)
+        if values.ndim != 1:
+            raise ValueError(f"expected per-example values of shape [B], got {tuple(values.shape)}")
+        outputs = [out for layer in self.layers for _, out in seen[layer.name]]
+        if not outputs:
+            raise RuntimeError("no tracked layer ran in the forward pass; check `modules`.")
+        grads = iter(torch.autograd.grad(values.sum(), outputs, allow_unused=True))
+        captured = {}
+        for layer in self.layers:
+            a_list, g_list = [], []
+            for a, out in seen[layer.name]:
+                g = next(grads)
+                g = torch.zeros_like(out) if g is None else g
+                b = values.shape[0]
+                a = a.reshape(b, -1, a.shape[-1])
+                if layer.has_bias:
+                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                a_list.append(a)
+                g_list.append(g.detach().reshape(b, -1, g.shape[-1]))
+            captured[layer.name] = (torch.cat(a_list, dim=1), torch.cat(g_list, dim=1))
+        return captured
+
+    def gradients(self, fn: Callable[[nn.Module, Batch], Tensor], batch: Batch) -> LayerGrads:
+        """Per-example gradients ``{layer: [B, d_out, d_in(+1)]}`` of ``fn(model, batch)``."""
+        grads = {}
+        for name, (a, g) in self.capture(fn, batch).items():
+            grad = torch.einsum("bto,bti->boi", g, a)
+            if not torch.isfinite(grad).all():
+                bad = (~torch.isfinite(grad)).flatten(1).any(1).nonzero().flatten().tolist()
+                raise FloatingPointError(
+                    f"Non-finite gradient in layer '{name}' for examples {bad[:10]} of the "
+                    "batch: check the inputs, lower the training learning rate, or train in "
+                    "float64 (the model's loss or measurement overflowed)."
+                )
+            grads[name] = grad
+        return grads
+
+    def stream(
+        self,
+        problem: AttributionProblem,
+        which: str,
+        chunk_size: int,
+        desc: str | None = None,
+    ) -> Iterator[tuple[slice, LayerGrads]]:
+        """Streams per-example gradients over the training set or the queries.
+
+        ``which="train"`` differentiates ``problem.loss``, ``which="queries"``
+        ``problem.measure``. Yields ``(slice of example indices, {layer: [B, o, i]})``.
+        """
+        fn = problem.train_loss if which == "train" else problem.query_measure
+        start = 0
+        loader = problem.loader(which, chunk_size)
+        bar = tqdm(loader, desc=desc or f"{which} gradients", leave=False, disable=None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in bar:
+                grads = self.gradients(fn, move_to(batch, problem.device))
+                size = next(iter(grads.values())).shape[0]
+                yield slice(start, start + size), grads
+                start += size
+        finally:
+            self.model.train(was_training)
+
+    def all_gradients(self, problem: AttributionProblem, which: str, chunk_size: int) -> LayerGrads:
+        """All per-example gradients of a (small) set, concatenated: ``{layer: [n, o, i]}``."""
+        chunks = [g for _, g in self.stream(problem, which, chunk_size)]
+        return {name: torch.cat([c[name] for c in chunks]) for name in self.names}
+
+    # Layouts: a dict of per-layer matrices <-> one flat vector per example.
+    def flatten(self, grads: LayerGrads) -> Tensor:
+        """``{layer: [B, o, i]}`` -> ``[B, P]`` in the engine's layer order."""
+        return torch.cat([grads[name].flatten(1) for name in self.names], dim=1)
+
+    def unflatten(self, flat: Tensor) -> LayerGrads:
+        """``[B, P]`` -> ``{layer: [B, o, i]}``."""
+        out, start = {}, 0
+        for layer in self.layers:
+            o, i = layer.shape
+            out[layer.name] = flat[:, start:start + o * i].reshape(-1, o, i)
+            start += o * i
+        return out
+
+    def parameters(self) -> Tensor:
+        """The tracked parameters θ as one flat vector ``[P]``."""
+        return torch.cat([layer.matrix().detach().flatten() for layer in self.layers])
+
+    def as_named_parameters(self, theta: Tensor) -> dict[str, Tensor]:
+        """A flat ``[P]`` vector -> ``{qualified parameter name: tensor}`` for functional calls."""
+        out = {}
+        for layer, matrix in zip(self.layers, self.unflatten(theta[None]).values(), strict=True):
+            for kind, value in layer.split(matrix[0]).items():
+                out[f"{layer.name}.{kind}" if layer.name else kind] = value
+        return out
+
+
+def dot(queries: LayerGrads, train: LayerGrads, per_layer: bool = False) -> Tensor:
+    """Inner products of two sets of layer-wise gradients.
+
+    Returns:
+        ``[n_queries, B]``, or ``[n_layers, n_queries, B]`` with ``per_layer`` (summing over
+        the first axis gives the total exactly).
+    """
+    parts = [queries[n].flatten(1) @ train[n].flatten(1).T for n in queries]
+    return torch.stack(parts) if per_layer else sum(parts)
+
+
+def squared_norm(grads: LayerGrads) -> Tensor:
+    """``[B]``: the squared norm of each example's gradient over all tracked layers."""
+    return sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+
+
+def scale(grads: LayerGrads, factor: Tensor) -> LayerGrads:
+    """Multiplies each example's gradient by ``factor`` ``[B]``."""
+    return {n: g * factor.view(-1, 1, 1).to(g.dtype) for n, g in grads.items()}

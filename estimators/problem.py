@@ -1,0 +1,158 @@
+"""The attribution problem: the one value a task hands to an estimator.
+
+This module is the estimators' input contract (as kronfluence's ``Task`` is its users'):
+tasks import it, and nothing else from ``estimators``. It holds what every estimator needs
+and nothing task-specific:
+
+* the trained model, and the training checkpoints with their learning rates and optimizer
+  state (TracIn, TrackStar);
+* the training set and the queries, as datasets with one collate function;
+* ``outputs(model, batch)``: the model's raw outputs (logits ``[B, C]`` or ``[B, T, V]``);
+* ``loss(outputs, batch)``: per-example training loss ``[B]`` (for a document of a
+  token-averaged LM objective, its *summed* token NLL; never a regulariser);
+* ``measure(outputs, batch)``: per-example query measurement ``[B]``, higher is better;
+* ``sample_targets(outputs, batch, generator)``: the batch with its targets drawn from the
+  model's predictive distribution (the true Fisher of K-FAC);
+* ``l2``: the coefficient of an L2 regulariser (λ₂/2)‖θ‖² in the training objective, which
+  enters every curvature as λ₂I and never a training example's gradient;
+* the text of training examples and queries, where the task has text (BM25).
+
+Splitting the forward pass from the loss keeps the contract small and still gives exact
+Gauss-Newton products (J^T ∇²ℓ J) without task-specific code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+Batch = Any
+OutputsFn = Callable[[nn.Module, Batch], Tensor]
+PerExampleFn = Callable[[Tensor, Batch], Tensor]
+SampleFn = Callable[[Tensor, Batch, torch.Generator], Batch]
+
+
+@dataclass
+class Checkpoint:
+    """A model state recorded during training.
+
+    Attributes:
+        state_dict: the model's parameters at this point.
+        lr: learning rate in force for the steps that followed this checkpoint.
+        step: optimizer steps taken when it was recorded.
+        optimizer_state: the optimizer's ``state_dict()`` (e.g. Adam's moments), or None.
+    """
+
+    state_dict: dict[str, Tensor]
+    lr: float
+    step: int
+    optimizer_state: dict[str, Any] | None = None
+
+
+@dataclass
+class AttributionProblem:
+    """A trained model, its training set and queries, and the functions that define them.
+
+    Every estimator maps a problem to a score matrix ``[n_queries, n_train]`` with the sign
+    convention of DESIGN.md: positive means up-weighting the training example raises the
+    query's measurement (a proponent).
+    """
+
+    model: nn.Module
+    train: Dataset
+    queries: Dataset
+    collate_fn: Callable[[list], Batch]
+    outputs: OutputsFn
+    loss: PerExampleFn
+    measure: PerExampleFn
+    sample_targets: SampleFn | None = None
+    l2: float = 0.0
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    train_text: Sequence[str] | None = None
+    query_text: Sequence[str] | None = None
+    key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.queries)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def loader(self, which: str, batch_size: int) -> DataLoader:
+        """A deterministic, unshuffled loader over ``"train"`` or ``"queries"``."""
+        data = {"train": self.train, "queries": self.queries}[which]
+        return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn)
+
+    def train_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Per-example training loss ``[B]`` of ``model`` on ``batch``."""
+        return self.loss(self.outputs(model, batch), batch)
+
+    def query_measure(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Per-example measurement ``[B]`` of ``model`` on a batch of queries."""
+        return self.measure(self.outputs(model, batch), batch)
+
+    def to(self, device: torch.device | str) -> AttributionProblem:
+        """Moves the model to ``device``; batches follow it (see :func:`move_to`)."""
+        self.model.to(device)
+        return self
+
+
+def move_to(batch: Batch, device: torch.device) -> Batch:
+    """Moves every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+# Cross-entropy helpers shared by classification and language-model tasks. Targets equal to
+# ``IGNORE`` (as in transformers' labels) contribute nothing.
+IGNORE = -100
+
+
+def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed token cross entropy per example.
+
+    Args:
+        logits: ``[B, C]`` or ``[B, T, C]``.
+        targets: ``[B]`` or ``[B, T]`` class indices, ``IGNORE`` where masked.
+
+    Returns:
+        ``[B]``: the NLL of each example, summed over its positions.
+    """
+    nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE, reduction="none",
+    )
+    return nll.view(targets.shape).reshape(targets.shape[0], -1).sum(dim=1)
+
+
+def sample_categorical(logits: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    """Targets drawn from softmax(logits), keeping ``IGNORE`` positions masked.
+
+    Args:
+        logits: ``[B, C]`` or ``[B, T, C]``.
+        targets: labels of the same leading shape, used only for the mask.
+
+    Returns:
+        sampled class indices, shaped like ``targets``.
+    """
+    probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+    draws = torch.multinomial(probs.cpu(), 1, generator=generator).view(targets.shape)
+    draws = draws.to(targets.device)
+    return torch.where(targets == IGNORE, targets, draws)
