@@ -1,0 +1,5 @@
+"""``python -m bench`` is ``tda-bench``."""
+
+from bench.cli import main
+
+main()
