@@ -54,20 +54,18 @@ def make_cfg(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_mlp_problem():
-    """A trained tiny digits MLP problem (60 training examples, 6 queries), float64."""
+def tiny_mlp():
+    """``(problem, task)``: a trained float64 digits MLP (60 train, 6 queries, hidden 8)."""
     from tasks.digits_mlp import DigitsMLP
 
-    task = DigitsMLP(n_train=60, n_queries=6, hidden=[8], epochs=5, batch_size=16)
+    class DigitsMLP64(DigitsMLP):
+        dtype = torch.float64
+        precision = "64-true"
+
+        def build_model(self, seed):
+            return super().build_model(seed).double()
+
+    task = DigitsMLP64(n_train=60, n_queries=6, hidden=[8], epochs=5, batch_size=16)
     model = task.build_model(0)
     checkpoints = task.fit(model, seed=0)
-    return task.problem(model.double(), checkpoints), task
-
-
-def double_problem(problem):
-    """The same problem in float64 (model and data), for closed-form comparisons."""
-    problem.model.double()
-    return problem
-
-
-torch.set_default_dtype(torch.float32)
+    return task.problem(model, checkpoints), task
