@@ -1,0 +1,102 @@
+"""End-to-end runs through the harness: records, every config in every group, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from bench.cli import CONF_DIR, run
+from tests.conftest import TINY
+
+ESTIMATORS = sorted(p.stem for p in Path(CONF_DIR, "estimator").glob("*.yaml"))
+TASKS = sorted(p.stem for p in Path(CONF_DIR, "task").glob("*.yaml"))
+LOGGERS = sorted(p.stem for p in Path(CONF_DIR, "logger").glob("*.yaml"))
+SPINE_KEYS = {"lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
+              "peak_rss_mb", "task", "estimator", "seed"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_records_of_a_run(make_cfg):
+    cfg = make_cfg("digits_logreg", "estimator=grad_dot", "seed=2")
+    record = run(cfg)
+    out = Path(cfg.hydra.runtime.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert SPINE_KEYS <= set(metrics)
+    assert (metrics["task"], metrics["estimator"], metrics["seed"]) == ("digits_logreg",
+                                                                       "grad_dot", 2)
+    assert metrics == json.loads(json.dumps(record, default=str))
+    assert metrics["command"].startswith("tda-bench task=digits_logreg")
+    assert "torch" in metrics["versions"]
+    per_query = pd.read_csv(out / "per_query.csv")
+    assert list(per_query.columns) == ["query", "lds", "loo_pearson", "loo_spearman"]
+    assert len(per_query) == 12
+    assert per_query["lds"].mean() == pytest.approx(metrics["lds"])
+    assert torch.load(out / "scores.pt").shape == (12, 120)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_estimator_config_runs_on_a_tiny_task(make_cfg, estimator):
+    record = run(make_cfg("digits_mlp", f"estimator={estimator}"))
+    assert record["estimator"] == estimator
+    assert -1.0 <= record["lds"] <= 1.0
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_config_instantiates_with_tiny_overrides(make_cfg, task):
+    assert task in TINY, f"add a TINY entry for task {task} in tests/conftest.py"
+    cfg = make_cfg(task)
+    instance = instantiate(cfg.task)
+    assert instance.n_train > 0 and instance.ground_truths is not None
+
+
+@pytest.mark.parametrize("logger", LOGGERS)
+def test_every_logger_config_instantiates(make_cfg, logger):
+    assert hasattr(instantiate(make_cfg("digits_mlp", f"logger={logger}").logger), "log_run")
+
+
+def test_wandb_offline_run_is_left_behind(make_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg("digits_mlp", "estimator=grad_dot", "logger=wandb")
+    run(cfg)
+    runs = list(Path(cfg.hydra.runtime.output_dir, "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_command_line_run_writes_records(tmp_path):
+    out = tmp_path / "run1"
+    proc = cli("task=digits_mlp", "estimator=grad_cos", "logger=none", f"hydra.run.dir={out}",
+               f"cache_dir={tmp_path / 'cache'}", *TINY["digits_mlp"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lds"] is not None and metrics["lds_sem"] is not None
+    assert "digits_mlp / grad_cos / seed 0" in proc.stdout
+
+
+def test_unknown_estimator_lists_the_available_ones(tmp_path):
+    proc = cli("estimator=no_such_method", "logger=none", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Available options in 'estimator'" in proc.stderr
+    assert all(name in proc.stderr for name in ESTIMATORS)
+
+
+def test_user_errors_are_one_sentence_not_a_traceback(tmp_path):
+    proc = cli("task=digits_mlp", "estimator=explicit", "estimator.max_params=10",
+               "logger=none", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path}",
+               *TINY["digits_mlp"], cwd=REPO)
+    assert proc.returncode == 2
+    assert "tda-bench: error: explicit forms the full" in proc.stderr
+    assert "Traceback" not in proc.stderr
