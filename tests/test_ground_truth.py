@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 import bench.ground_truth as gt
 from bench.cache import load_checked, save_atomic, sweep_stale_temp_files
 from bench.cli import run, task_config
-from hydra.utils import instantiate
 
 
 def lds_plan(cfg):
