@@ -130,15 +130,14 @@ def layer_share(layer_scores: torch.Tensor, query_types: list[str] | None) -> pd
 
 def layer_share_figure(share: pd.DataFrame, layers: list[str], title: str) -> Figure:
     """Stacked horizontal bars: one per query type, one segment per layer."""
-    fig = Figure(figsize=(6.0, 1.2 + 0.5 * len(share)), dpi=100)
+    fig = Figure(figsize=(7.0, 1.6 + 0.5 * len(share)), dpi=100)
     ax = fig.add_subplot()
     left = np.zeros(len(share))
     for i, name in enumerate(layers):
         ax.barh(list(share.index), share[i], left=left, label=name)
         left += share[i].to_numpy()
     ax.set(xlim=(0, 1), xlabel="share of Σ|score| per layer", title=title)
-    ax.legend(fontsize=7, ncol=min(len(layers), 4), loc="upper center",
-              bbox_to_anchor=(0.5, -0.35 if len(share) < 3 else -0.15))
+    ax.legend(fontsize=7, title="layer", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 
