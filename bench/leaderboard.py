@@ -17,7 +17,8 @@ seeds, queries (the query set is shared by the seeds). Its generator is seeded f
 ``--bootstrap-seed`` and the cell's name, so a rebuild is byte-identical and adding a row
 leaves the others unchanged. Nothing in the output depends on the time of the build.
 
-A row is an estimator plus its ``estimator.*`` overrides (``ekfac[damping=0.01]``); a task
+A row is an estimator plus its ``estimator.*`` overrides (``ekfac[damping=0.01]``; not
+``per_layer`` or ``chunk_size``, which leave the scores unchanged); a task
 column is a task, labelled with its ``task.*`` overrides only when one task name was run
 with several. Records of the same row, task and seed after the first (by date, then path)
 are ignored with a warning.
@@ -39,6 +40,9 @@ import pandas as pd
 
 from bench import leaderboard_tables as render
 from bench.leaderboard_tables import ACCURACY, CEILING, COSTS
+
+# Estimator overrides that change cost but not scores: they do not make a separate row.
+SAME_SCORES = ("estimator.per_layer", "estimator.chunk_size")
 
 
 @dataclass
@@ -66,9 +70,10 @@ def parse_overrides(command: str) -> dict[str, str]:
 
 
 def _variant(name: str, overrides: dict[str, str], group: str) -> str:
-    """``name[k=v,...]`` from the ``{group}.*`` overrides (``name`` when there are none)."""
+    """``name[k=v,...]`` from the ``{group}.*`` overrides (``name`` when there are none),
+    leaving out the :data:`SAME_SCORES` keys."""
     extra = sorted((k[len(group) + 1:], v) for k, v in overrides.items()
-                   if k.startswith(group + "."))
+                   if k.startswith(group + ".") and k not in SAME_SCORES)
     return name + ("[" + ",".join(f"{k}={v}" for k, v in extra) + "]" if extra else "")
 
 
@@ -291,6 +296,15 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     return cells
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        return sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers such as 0,1,2, got "
+                         f"{text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tda-bench-leaderboard`` console script."""
     parser = argparse.ArgumentParser(prog="tda-bench-leaderboard", description=__doc__.split(
@@ -302,16 +316,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bootstrap", type=int, default=2000, help="resamples (default 2000)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="default 0")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--wandb-project", default=None,
+                        help="also log the table and plots as a W&B run named 'leaderboard' "
+                             "(mode from WANDB_MODE, default offline)")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     shown = list(sys.argv[1:] if argv is None else argv)
     try:
+        seeds = parse_seeds(args.seeds) if args.seeds else None
         build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
               not args.no_plots, shown)
     except (FileNotFoundError, ValueError) as err:
         print(f"tda-bench-leaderboard: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'leaderboard.csv'}")
+    if args.wandb_project:
+        log_to_wandb(args.out, args.wandb_project)
+
+
+def log_to_wandb(out: Path, project: str) -> None:
+    """Logs ``leaderboard.csv`` as the table ``leaderboard`` and the PNGs of ``out`` as
+    images ``plots/<name>`` to one W&B run (job type ``leaderboard``)."""
+    import os
+
+    import wandb
+
+    table = pd.read_csv(out / "leaderboard.csv", keep_default_na=False)
+    run = wandb.init(project=project, name="leaderboard", job_type="leaderboard",
+                     mode=os.environ.get("WANDB_MODE", "offline"),
+                     settings=wandb.Settings(console="off", silent=True))
+    try:
+        payload = {"leaderboard": wandb.Table(dataframe=table.astype(str))}
+        payload.update({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))})
+        run.log(payload)
+    finally:
+        run.finish()
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def _cell(row: pd.Series | None, metric: str) -> str:
     if row is None:
         return ""
     text = fmt(row["mean"], metric)
-    if row.get("best") is True:
+    if bool(row.get("best", False)):
         text = f"**{text}**"
     if np.isfinite(row["lo"]) and np.isfinite(row["hi"]):
         text += f" [{fmt(row['lo'], metric)}, {fmt(row['hi'], metric)}]"
