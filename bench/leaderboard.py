@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bench import leaderboard_tables as render
-from bench.leaderboard_tables import ACCURACY, CEILING, COSTS
+from bench.leaderboard_tables import ACCURACY, CEILING, FLOOR, is_cost
 
 # Estimator overrides that change cost but not scores: they do not make a separate row.
 SAME_SCORES = ("estimator.per_layer", "estimator.chunk_size")
@@ -129,12 +129,15 @@ def label_runs(runs: list[Run]) -> pd.DataFrame:
 
 
 def metric_names(runs: list[Run]) -> list[str]:
-    """Accuracy metrics present in the records (see :data:`ACCURACY`)."""
+    """Metrics present in the records: accuracy (the :data:`ACCURACY` keys and every key with
+    per-query values) and costs (``seconds`` = fit + score, every ``*_mb`` memory key)."""
     found = set()
     for run in runs:
         columns = set(run.per_query.columns) if run.per_query is not None else set()
-        found |= {k for k in run.record if k in columns or k in ACCURACY}
-    return [m for m in ACCURACY if m in found] + sorted(found - set(ACCURACY))
+        found |= {k for k in run.record if k in columns or k in ACCURACY or is_cost(k)}
+        if "fit_seconds" in run.record and "score_seconds" in run.record:
+            found.add("seconds")
+    return render.metric_order(found)
 
 
 def per_seed_values(run: Run, metric: str) -> tuple[float, np.ndarray]:
@@ -212,7 +215,7 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
 
     Args:
         frame: :func:`label_runs` output.
-        metrics: accuracy metric names; the costs of :data:`COSTS` are added.
+        metrics: metric names (accuracy and cost, see :func:`metric_names`).
         expected: per task, the seeds every estimator should have.
         n_boot: bootstrap resamples.
         seed: base seed of the bootstrap generators.
@@ -224,8 +227,9 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
         missing = sorted(set(expected[task]) - set(seeds))
         base = {"task": task, "estimator": estimator, "n_seeds": len(seeds),
                 "expected_seeds": len(expected[task]),
-                "missing_seeds": ",".join(map(str, missing)), "command": command_for(runs, seeds)}
-        for metric in [*metrics, *COSTS]:
+                "missing_seeds": ",".join(map(str, missing)), "command": command_for(runs, seeds),
+                "commit": ",".join(sorted({str(r.record.get("commit", "unknown")) for r in runs}))}
+        for metric in metrics:
             pairs = [per_seed_values(r, metric) for r in runs]
             scalars = np.array([p[0] for p in pairs])
             if not np.isfinite(scalars).any():
@@ -233,7 +237,7 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
             values = _stack([p[1] for p in pairs])
             lo, hi = bootstrap_interval(values, cell_seed(seed, task, estimator, metric), n_boot)
             rows.append({**base, "metric": metric, "mean": float(np.nanmean(scalars)),
-                         "lo": lo, "hi": hi, "higher_is_better": metric not in COSTS})
+                         "lo": lo, "hi": hi, "higher_is_better": not is_cost(metric)})
     ceilings = [{"task": task, "value": float(run.record["lds_ceiling"])}
                 for task, run in zip(frame["task"], frame["run"], strict=True)
                 if run.record.get("lds_ceiling") is not None]
@@ -242,7 +246,7 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
         per_task = pd.DataFrame(ceilings).groupby("task", as_index=False)["value"].mean()
         rows += [{"task": t, "estimator": CEILING, "metric": "lds", "mean": v, "lo": np.nan,
                   "hi": np.nan, "higher_is_better": True, "n_seeds": 0, "expected_seeds": 0,
-                  "missing_seeds": "", "command": ""}
+                  "missing_seeds": "", "command": "", "commit": ""}
                  for t, v in zip(per_task["task"], per_task["value"], strict=True)]
     cells = pd.DataFrame(rows)
     if cells.empty:
@@ -251,10 +255,11 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
 
 
 def mark_best(cells: pd.DataFrame) -> pd.DataFrame:
-    """Adds ``best``: the best mean per (task, metric) among estimators (not the ceiling)."""
+    """Adds ``best``: the best mean per (task, metric) among the estimators (not the
+    ``random`` floor or the ceiling, which are references)."""
     cells = cells.copy()
     cells["best"] = False
-    candidates = cells["estimator"] != CEILING
+    candidates = ~cells["estimator"].isin([CEILING, FLOOR])
     for _, group in cells[candidates].groupby(["task", "metric"]):
         means = group["mean"]
         if not np.isfinite(means).any():

@@ -13,8 +13,14 @@ import pandas as pd
 # has per-query values in per_query.csv comes after them, alphabetically.
 ACCURACY = ("lds", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman", "mrr",
             "recall@10", "tail_patch")
-# Costs (lower is better): fit+score seconds and peak memory (MiB).
-COSTS = ("seconds", "peak_rss_mb", "peak_gpu_mb")
+# Costs (lower is better): fit+score ``seconds`` and every memory key ``*_mb`` (MiB) of the
+# records, these first.
+COSTS = ("seconds", "peak_rss_mb")
+
+
+def is_cost(metric: str) -> bool:
+    """Whether ``metric`` is a cost (lower is better): ``seconds`` or a ``*_mb`` memory."""
+    return metric == "seconds" or metric.endswith("_mb")
 CEILING = "LDS noise ceiling"
 FLOOR = "random"
 
@@ -23,8 +29,9 @@ def metric_order(metrics) -> list[str]:
     """Accuracy metrics in :data:`ACCURACY` order, then others alphabetically, then costs."""
     metrics = set(metrics)
     known = [m for m in ACCURACY if m in metrics]
-    others = sorted(metrics - set(ACCURACY) - set(COSTS))
-    return known + others + [m for m in COSTS if m in metrics]
+    others = sorted(m for m in metrics - set(ACCURACY) if not is_cost(m))
+    costs = [m for m in COSTS if m in metrics]
+    return known + others + costs + sorted(m for m in metrics - set(COSTS) if is_cost(m))
 
 
 def estimator_order(estimators) -> list[str]:
@@ -40,14 +47,15 @@ def fmt(value: float, metric: str) -> str:
         return ""
     if metric == "seconds":
         return f"{value:.3g}"
-    if metric in COSTS:
+    if is_cost(metric):
         return f"{value:.0f}"
     return f"{value:.3f}"
 
 
 def wide(cells: pd.DataFrame) -> pd.DataFrame:
     """One row per estimator; per task: ``{task}/{metric}`` with ``_lo``, ``_hi``, ``_best``,
-    and ``{task}/n_seeds``, ``/expected_seeds``, ``/missing_seeds``, ``/command``."""
+    and ``{task}/n_seeds``, ``/expected_seeds``, ``/missing_seeds``, ``/command``,
+    ``/commit``."""
     estimators = estimator_order(cells["estimator"])
     table = pd.DataFrame({"estimator": estimators})
     for task in sorted(cells["task"].unique()):
@@ -58,7 +66,7 @@ def wide(cells: pd.DataFrame) -> pd.DataFrame:
             for suffix, key in (("", "mean"), ("_lo", "lo"), ("_hi", "hi"), ("_best", "best")):
                 columns[f"{task}/{metric}{suffix}"] = [by[key].get(e, np.nan) for e in estimators]
         info = here.drop_duplicates("estimator").set_index("estimator")
-        for key in ("n_seeds", "expected_seeds", "missing_seeds", "command"):
+        for key in ("n_seeds", "expected_seeds", "missing_seeds", "command", "commit"):
             columns[f"{task}/{key}"] = [info[key].get(e, np.nan) if e != CEILING else np.nan
                                         for e in estimators]
         table = pd.concat([table, pd.DataFrame(columns)], axis=1)
@@ -84,7 +92,7 @@ def task_section(task: str, cells: pd.DataFrame) -> list[str]:
     """The markdown table of one task, then its commands."""
     here = cells[cells["task"] == task]
     metrics = metric_order(here["metric"])
-    arrows = [f"{m} {'↓' if m in COSTS else '↑'}" for m in metrics]
+    arrows = [f"{m} {'↓' if is_cost(m) else '↑'}" for m in metrics]
     lines = [f"## {task}", "", _md_row(["estimator", *arrows, "seeds"]),
              "|" + "---|" * (len(metrics) + 2)]
     commands = []
@@ -100,9 +108,11 @@ def task_section(task: str, cells: pd.DataFrame) -> list[str]:
             if first["missing_seeds"]:
                 name += " †"
                 seeds += f" (missing {first['missing_seeds']})"
-            commands.append(_md_row([estimator, f"`{first['command']}`"]))
+            commands.append(_md_row([estimator, f"`{first['command']}`",
+                                     f"`{first['commit']}`"]))
         lines.append(_md_row([name, *[_cell(by.get(m), m) for m in metrics], seeds]))
-    lines += ["", "Reproduce:", "", _md_row(["estimator", "command"]), "|---|---|", *commands, ""]
+    lines += ["", "Reproduce:", "", _md_row(["estimator", "command", "commit"]), "|---|---|---|",
+              *commands, ""]
     return lines
 
 
@@ -135,9 +145,9 @@ def markdown(cells: pd.DataFrame, context: dict[str, Any]) -> str:
             "  ", " "), "",
         "Each cell is the mean over seeds with its 95 % interval in brackets (percentile "
         f"bootstrap over seeds and queries, {context['n_boot']} resamples, seed "
-        f"{context['seed']}). **Bold**: best in its column (↑ higher is better, ↓ lower is "
-        "better). †: seeds missing, averaged over the seeds present (the seeds column says "
-        "which). `seconds` is fit + score time; `peak_rss_mb` the run's peak resident memory "
+        f"{context['seed']}). **Bold**: best estimator in its column (↑ higher is better, ↓ "
+        "lower is better). †: seeds missing, averaged over the seeds present (the seeds column "
+        "says which). `seconds` is fit + score time; `peak_rss_mb` the run's peak resident memory "
         "(MiB). `random` is the floor; the *LDS noise ceiling* is the split-half Spearman "
         "correlation between the ground truth's retraining seeds, the best LDS an estimator "
         "can expect.", "",

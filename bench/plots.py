@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from bench.leaderboard_tables import CEILING, COSTS, estimator_order, metric_order
+from bench.leaderboard_tables import CEILING, estimator_order, is_cost, metric_order
 
 MAX_QUERIES = 6  # queries drawn in a CCDF plot
 
@@ -145,7 +145,7 @@ def layer_share_figure(share: pd.DataFrame, layers: list[str], title: str) -> Fi
 def accuracy_vs_cost_figure(cells: pd.DataFrame, task: str) -> Figure | None:
     """Each accuracy metric of ``task`` against fit+score seconds, log x, with intervals."""
     here = cells[cells["task"] == task]
-    metrics = [m for m in metric_order(here["metric"]) if m not in COSTS]
+    metrics = [m for m in metric_order(here["metric"]) if not is_cost(m)]
     cost = here[here["metric"] == "seconds"].set_index("estimator")
     if not metrics or cost.empty:
         return None
