@@ -41,6 +41,8 @@ import pandas as pd
 from bench import leaderboard_tables as render
 from bench.leaderboard_tables import ACCURACY, CEILING, FLOOR, is_cost
 
+# Per-query columns named differently from their record key.
+COLUMN_ALIASES = {"mrr": "rr"}
 # Estimator overrides that change cost but not scores: they do not make a separate row.
 SAME_SCORES = ("estimator.per_layer", "estimator.chunk_size")
 
@@ -128,16 +130,41 @@ def label_runs(runs: list[Run]) -> pd.DataFrame:
     return frame[~duplicated].reset_index(drop=True)
 
 
+def query_values(per_query: pd.DataFrame | None, metric: str) -> np.ndarray | None:
+    """The per-query values ``[Q]`` behind a record's ``metric``, or None.
+
+    The column is the metric's name (``mrr``'s is ``rr``). Where ``per_query.csv`` has a
+    ``query_set`` column (fact tracing: forward and flipped queries), ``{set}_{metric}`` is
+    the metric over that set's rows and a plain ``metric`` is over the ``forward`` rows.
+    """
+    if per_query is None:
+        return None
+    sets = per_query["query_set"].astype(str) if "query_set" in per_query.columns else None
+    candidates = [(metric, None)]
+    if sets is not None:
+        candidates = [(metric[len(name) + 1:], name) for name in sorted(set(sets))
+                      if name and metric.startswith(f"{name}_")] + candidates
+    for base, chosen in candidates:
+        column = COLUMN_ALIASES.get(base, base)
+        if column not in per_query.columns or column in ("query", "query_set"):
+            continue
+        if sets is not None and chosen is None and (sets == "forward").any():
+            chosen = "forward"
+        rows = per_query if chosen is None else per_query[sets == chosen]
+        return pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+    return None
+
+
 def metric_names(runs: list[Run]) -> list[str]:
     """Metrics present in the records: accuracy (the :data:`ACCURACY` keys and every key with
     per-query values) and costs (``seconds`` = fit + score, every ``*_mb`` memory key)."""
     found = set()
     for run in runs:
-        columns = set(run.per_query.columns) if run.per_query is not None else set()
-        found |= {k for k in run.record if k in columns or k in ACCURACY or is_cost(k)}
+        found |= {k for k, v in run.record.items() if isinstance(v, int | float | None) and (
+            k in ACCURACY or is_cost(k) or query_values(run.per_query, k) is not None)}
         if "fit_seconds" in run.record and "score_seconds" in run.record:
             found.add("seconds")
-    return render.metric_order(found)
+    return render.metric_order(found - {"seed"})
 
 
 def per_seed_values(run: Run, metric: str) -> tuple[float, np.ndarray]:
@@ -146,9 +173,9 @@ def per_seed_values(run: Run, metric: str) -> tuple[float, np.ndarray]:
     if metric == "seconds":
         parts = [run.record.get("fit_seconds"), run.record.get("score_seconds")]
         value = None if any(p is None for p in parts) else float(sum(parts))
-    has_column = run.per_query is not None and metric in run.per_query.columns
-    column = (run.per_query[metric].to_numpy(dtype=float) if has_column
-              else np.array([np.nan if value is None else float(value)]))
+    column = query_values(run.per_query, metric)
+    if column is None or not column.size:
+        column = np.array([np.nan if value is None else float(value)])
     if value is None:
         finite = column[np.isfinite(column)]
         value = float(finite.mean()) if finite.size else float("nan")

@@ -158,3 +158,27 @@ def test_lds_ceiling():
     assert lds_ceiling(signal) is None
     noisy = signal + 3 * torch.randn(30, 4, 5, generator=gen)
     assert -0.5 < lds_ceiling(noisy) < 0.9
+
+
+def test_fact_tracing_records_use_their_query_sets(tmp_path):
+    """Fact tracing records ``mrr`` (column ``rr``) over forward queries, ``flipped_mrr``
+    over flipped ones (a ``query_set`` column); intervals come from the right rows."""
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        out.mkdir()
+        per_query = pd.DataFrame({"query": range(6), "query_set": ["forward"] * 3 + ["flipped"] * 3,
+                                  "rr": [1.0, 0.5, 1.0, 0.0, 0.25, 0.0],
+                                  "recall@10": [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]})
+        per_query.to_csv(out / "per_query.csv", index=False)
+        record = {"task": "facts", "estimator": "bm25", "seed": seed, "mrr": 2.5 / 3,
+                  "recall@10": 2 / 3, "flipped_mrr": 0.25 / 3, "flipped_recall@10": 0.0,
+                  "query_accuracy": 0.9, "fit_seconds": 1.0, "score_seconds": 1.0}
+        (out / "metrics.json").write_text(json.dumps(record))
+    cells = lb.build([tmp_path], tmp_path / "out", n_boot=300, plots=False)
+    by = cells.set_index("metric")
+    assert list(cells["metric"]) == ["mrr", "recall@10", "flipped_mrr", "flipped_recall@10",
+                                     "seconds"]
+    assert by.loc["mrr", "mean"] == pytest.approx(2.5 / 3)
+    assert 0.5 <= by.loc["mrr", "lo"] < by.loc["mrr", "hi"] <= 1.0  # forward rows only
+    assert 0.0 <= by.loc["flipped_mrr", "lo"] < by.loc["flipped_mrr", "hi"] <= 0.25
+    assert by.loc["flipped_recall@10", "lo"] == by.loc["flipped_recall@10", "hi"] == 0.0
