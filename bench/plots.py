@@ -1,9 +1,10 @@
 """The leaderboard's plots (matplotlib, Agg, PNG): accuracy against cost per task, the
 distribution of influence scores per query, and the layer-wise influence share.
 
-* ``accuracy_vs_cost_{task}.png``: each accuracy metric against fit+score seconds (log x),
-  one point per estimator with its 95 % bootstrap intervals on both axes; the LDS noise
-  ceiling as a dashed line.
+* ``accuracy_vs_cost_{task}.png``: each headline accuracy metric (those of
+  :data:`~bench.leaderboard_tables.ACCURACY`, else the first others) against fit+score
+  seconds (log x), one point per estimator with its 95 % bootstrap intervals on both axes;
+  the LDS noise ceiling as a dashed line.
 * ``score_ccdf_{task}_{estimator}.png``: the log-log complementary CDF of |score(q, ·)| for
   a few queries (Grosse et al. 2023, Sec. 5.3: influence is heavy-tailed), with the power-law
   exponent α of P(|s| ≥ x) ∝ x^{1-α} fitted on the tail by maximum likelihood, the tail's
@@ -27,9 +28,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from bench.leaderboard_tables import CEILING, estimator_order, is_cost, metric_order
+from bench.leaderboard_tables import ACCURACY, CEILING, estimator_order, is_cost, metric_order
 
 MAX_QUERIES = 6  # queries drawn in a CCDF plot
+MAX_PANELS = 6  # metrics drawn in an accuracy-vs-cost plot (the ACCURACY ones first)
 
 
 def slug(text: str) -> str:
@@ -146,12 +148,16 @@ def accuracy_vs_cost_figure(cells: pd.DataFrame, task: str) -> Figure | None:
     """Each accuracy metric of ``task`` against fit+score seconds, log x, with intervals."""
     here = cells[cells["task"] == task]
     metrics = [m for m in metric_order(here["metric"]) if not is_cost(m)]
+    headline = [m for m in metrics if m in ACCURACY]
+    metrics = (headline or metrics)[:MAX_PANELS]
     cost = here[here["metric"] == "seconds"].set_index("estimator")
     if not metrics or cost.empty:
         return None
-    fig = Figure(figsize=(4.5 * len(metrics), 4.0), dpi=100)
+    columns = min(len(metrics), 3)
+    rows = -(-len(metrics) // columns)
+    fig = Figure(figsize=(4.5 * columns, 4.0 * rows), dpi=100)
     for k, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), k + 1)
+        ax = fig.add_subplot(rows, columns, k + 1)
         acc = here[here["metric"] == metric].set_index("estimator")
         for name in estimator_order(acc.index):
             if name == CEILING:
