@@ -92,3 +92,17 @@ def test_run_records_ceiling_and_layer_scores(make_cfg):
     scores = torch.load(out / "scores.pt", weights_only=True)
     assert saved["layer_scores"].shape == (2, *scores.shape) and len(saved["layers"]) == 2
     torch.testing.assert_close(saved["layer_scores"].sum(0), scores, rtol=1e-5, atol=1e-6)
+
+
+def test_leaderboard_run_on_wandb(tmp_path, wandb_env, monkeypatch):
+    from bench import leaderboard as lb
+    from tests.test_leaderboard import write_run
+
+    for seed in (0, 1):
+        write_run(tmp_path / "runs", "t", "grad_dot", seed, [0.1 * seed, 0.5, 0.7])
+    monkeypatch.chdir(tmp_path)
+    lb.main([str(tmp_path / "runs"), "--out", "res", "--no-plots", "--wandb-project", "p"])
+    assert not (tmp_path / "res" / "wandb").exists()  # nothing W&B inside the results
+    (run_dir,) = (tmp_path / "wandb-home" / "wandb").glob("offline-run-*")
+    state = json.loads(inspect(run_dir, "--summary"))
+    assert state["name"] == "leaderboard" and state["summary"]["leaderboard"]["nrows"] == 1
