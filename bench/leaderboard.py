@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def log_to_wandb(out: Path, project: str) -> None:
     """Logs ``leaderboard.csv`` as the table ``leaderboard`` and the PNGs of ``out`` as
-    images ``plots/<name>`` to one W&B run (job type ``leaderboard``)."""
+    images ``plots/<name>`` to one W&B run (job type ``leaderboard``), written under
+    ``$WANDB_DIR`` (default: the working directory), never inside ``out``."""
     import os
 
     import wandb
@@ -375,6 +376,7 @@ def log_to_wandb(out: Path, project: str) -> None:
     table = pd.read_csv(out / "leaderboard.csv", keep_default_na=False)
     run = wandb.init(project=project, name="leaderboard", job_type="leaderboard",
                      mode=os.environ.get("WANDB_MODE", "offline"),
+                     dir=os.environ.get("WANDB_DIR", os.getcwd()),
                      settings=wandb.Settings(console="off", silent=True))
     try:
         payload = {"leaderboard": wandb.Table(dataframe=table.astype(str))}
