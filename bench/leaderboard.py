@@ -310,10 +310,14 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     Returns:
         the long table of cells (one row per task, estimator and metric).
     """
+    if n_boot < 1:
+        raise ValueError(f"--bootstrap must be at least 1, got {n_boot}")
     runs = collect(directories)
     frame = label_runs(runs)
     metrics = metric_names(list(frame["run"]))
     cells = aggregate(frame, metrics, expected_seeds(frame, seeds), n_boot, seed)
+    if cells.empty:
+        raise ValueError("the run records hold no metrics; were they written by tda-bench?")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if plots:
