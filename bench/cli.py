@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from bench import ground_truth as gt
 from bench.cache import hash_key, load_checked, save_atomic
 from bench.loggers import flatten
-from bench.metrics import evaluate
-from bench.record import peak_rss_mb, provenance, write_records
+from bench.metrics import evaluate, lds_ceiling
+from bench.record import peak_rss_mb, provenance, write_layer_scores, write_records
 from estimators.problem import Checkpoint
 from tasks.base import Task
 
@@ -105,15 +105,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics, per_query = evaluate(scores, truths)
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
                    peak_rss_mb=peak_rss_mb())
+    ceiling = lds_ceiling(truths["lds"]["values"]) if "lds" in truths else None
+    if ceiling is not None:
+        metrics["lds_ceiling"] = ceiling  # the LDS noise ceiling (split-half over GT seeds)
     record = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": int(cfg.seed),
               **metrics, **provenance(command_line())}
     write_records(out_dir, record, per_query, scores if cfg.save_scores else None)
+    if cfg.save_scores and getattr(estimator, "layer_scores", None) is not None:
+        write_layer_scores(out_dir, estimator, problem)
 
     group = cfg.experiment_name or cfg.task_name
     logger = instantiate(cfg.logger)
     logger.log_run(name=f"{cfg.task_name}/{cfg.estimator_name}/seed{cfg.seed}", group=group,
                    job_type=cfg.estimator_name, config=OmegaConf.to_container(cfg, resolve=True),
-                   metrics=metrics, out_dir=out_dir)
+                   metrics=metrics, out_dir=out_dir, scores=scores,
+                   train_text=problem.train_text, query_text=problem.query_text)
     print_table(record, out_dir)
     return record
 

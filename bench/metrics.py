@@ -89,3 +89,23 @@ def evaluate(scores: torch.Tensor, truths: dict[str, dict]) -> tuple[dict, dict]
         metrics["loo_pearson"] = mean_sem(per_query["loo_pearson"])[0]
         metrics["loo_spearman"] = mean_sem(per_query["loo_spearman"])[0]
     return metrics, per_query
+
+
+def lds_ceiling(values: torch.Tensor) -> float | None:
+    """The LDS noise ceiling: split-half agreement of the ground truth between its seeds.
+
+    The K retraining seeds are split into halves (first ⌊K/2⌋, rest); for each query, the
+    Spearman correlation over subsets between the two halves' mean measurements; the mean
+    over queries. No estimator can expect an LDS above it.
+
+    Args:
+        values: ``[M, K, Q]`` per-subset, per-seed measurements.
+
+    Returns:
+        the mean split-half Spearman correlation, or None when K < 2.
+    """
+    if values.dim() != 3 or values.shape[1] < 2:
+        return None
+    half = values.shape[1] // 2
+    first, second = values[:, :half].double().mean(1), values[:, half:].double().mean(1)
+    return mean_sem(_columnwise(first.numpy(), second.numpy(), "spearman"))[0]

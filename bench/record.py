@@ -79,3 +79,31 @@ def write_records(out_dir: Path, record: dict[str, Any], per_query: dict[str, np
         frame.to_csv(out_dir / "per_query.csv", index=False)
     if scores is not None:
         torch.save(scores, out_dir / "scores.pt")
+
+
+def write_layer_scores(out_dir: Path, estimator: Any, problem: Any) -> None:
+    """Writes ``layer_scores.pt``: an estimator's layer-wise scores, for the layer-share plot.
+
+    The file holds ``layer_scores [L, Q, N]`` (float32), ``layers`` (L names: the estimator's
+    ``layer_names`` or the tracked linear layers of its ``modules``) and ``query_types``
+    (Q labels from ``problem.extra["query_types"]``, else from the sets of
+    ``problem.extra["query_sets"]`` ``{name: [query indices]}``, else None).
+    """
+    from estimators.gradients import tracked_layers
+
+    layer_scores = estimator.layer_scores.detach().float().cpu()
+    names = getattr(estimator, "layer_names", None)
+    if names is None:
+        names = [layer.name for layer in tracked_layers(problem.model,
+                                                        getattr(estimator, "modules", None))]
+    if len(names) != layer_scores.shape[0]:
+        names = [f"layer{i}" for i in range(layer_scores.shape[0])]
+    types = problem.extra.get("query_types")
+    if types is None and problem.extra.get("query_sets"):
+        types = [""] * layer_scores.shape[1]
+        for name, indices in problem.extra["query_sets"].items():
+            for q in indices:
+                types[int(q)] = name
+    torch.save({"layer_scores": layer_scores, "layers": list(names),
+                "query_types": None if types is None else [str(t) for t in types]},
+               out_dir / "layer_scores.pt")
