@@ -27,7 +27,7 @@ from bench import ground_truth as gt
 from bench.cache import hash_key, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate, lds_ceiling
-from bench.record import peak_rss_mb, provenance, write_layer_scores, write_records
+from bench.record import peak_rss_mb, provenance, reset_peak_rss, write_layer_scores, write_records
 from estimators.problem import Checkpoint
 from tasks.base import Task
 
@@ -93,6 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     problem = task.problem(model, checkpoints).to(task.device)
     estimator = instantiate(cfg.estimator)
 
+    reset_peak_rss()  # peak_rss_mb measures fit + score, also inside a multirun
     start = time.perf_counter()
     estimator.fit(problem)
     fitted = time.perf_counter()

@@ -26,8 +26,29 @@ PACKAGES = ("tda-bench", "torch", "lightning", "hydra-core", "transformers", "wa
             "numpy", "pandas", "scikit-learn", "bm25s")
 
 
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark of this process (Linux ≥ 4.0), so that
+    :func:`peak_rss_mb` measures one run even when a multirun shares the process.
+
+    Returns:
+        whether the reset worked (elsewhere the peak is the process's lifetime peak).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident memory in MiB since the last :func:`reset_peak_rss` (VmHWM), else the
+    process's lifetime peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
