@@ -75,7 +75,7 @@ def fisher_loss(problem: AttributionProblem, fisher: str,
     return sampled_loss
 
 
-def _passes(problem: AttributionProblem, engine: GradientEngine, batch_size: int, desc: str):
+def _passes(problem: AttributionProblem, batch_size: int, desc: str):
     """Iterates over training batches (model in eval mode) with a progress bar."""
     was_training = problem.model.training
     problem.model.eval()
@@ -90,23 +90,22 @@ def _passes(problem: AttributionProblem, engine: GradientEngine, batch_size: int
 def covariance_factors(problem: AttributionProblem, engine: GradientEngine, loss_fn: Callable,
                        batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
     """First pass: ``{layer: (A [i, i], S [o, o])}`` in float64 (see module docstring)."""
-    sums = {}
-    tokens = 0
-    for batch in _passes(problem, engine, batch_size, "K-FAC factors"):
-        captured = engine.capture(loss_fn, batch)
-        for name, (a, g) in captured.items():
-            a = a.reshape(-1, a.shape[-1]).double()
-            g = g.reshape(-1, g.shape[-1]).double()
+    sums: dict[str, list] = {}
+    for batch in _passes(problem, batch_size, "K-FAC factors"):
+        for name, (a, g) in engine.capture(loss_fn, batch).items():
+            tokens = a.shape[0] * a.shape[1]  # examples × (tokens × calls of the layer)
+            a = a.reshape(tokens, -1).double()
+            g = g.reshape(tokens, -1).double()
             if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
                 raise FloatingPointError(
                     f"Non-finite activations or gradients in layer '{name}' while fitting "
                     "K-FAC factors: check the model and inputs, or train in float64.")
-            a_sum, g_sum = sums.get(name, (0.0, 0.0))
-            sums[name] = (a_sum + (a.T @ a).cpu(), g_sum + (g.T @ g).cpu())
-        tokens += next(iter(captured.values()))[0].shape[:2].numel()
-    n = problem.n_train
+            acc = sums.setdefault(name, [0.0, 0.0, 0])
+            acc[0] = acc[0] + (a.T @ a).cpu()
+            acc[1] = acc[1] + (g.T @ g).cpu()
+            acc[2] += tokens
     # A: mean over tokens; S: summed over an example's tokens, mean over examples.
-    return {name: (a / tokens, g / n) for name, (a, g) in sums.items()}
+    return {name: (a / tokens, g / problem.n_train) for name, (a, g, tokens) in sums.items()}
 
 
 def eigenbasis(factors: dict[str, tuple[Tensor, Tensor]]) -> Factors:
@@ -124,7 +123,7 @@ def corrected_eigenvalues(problem: AttributionProblem, engine: GradientEngine,
                           loss_fn: Callable, basis: Factors, batch_size: int) -> dict[str, Tensor]:
     """Second pass (EK-FAC): ``{layer: Λ [o, i]}`` = (1/N) Σₙ (Q_Sᵀ Gₙ Q_A)², float64."""
     sums: dict[str, Tensor] = {}
-    for batch in _passes(problem, engine, batch_size, "EK-FAC eigenvalues"):
+    for batch in _passes(problem, batch_size, "EK-FAC eigenvalues"):
         for name, grad in engine.gradients(loss_fn, batch).items():
             q_a = basis[name]["q_a"].to(grad.device)
             q_s = basis[name]["q_s"].to(grad.device)
