@@ -42,11 +42,16 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.task, resolve=True)
 
 
-def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
-    """The attributed model for ``cfg.seed``: from the cache, or trained and cached."""
+def model_key(task: Task, cfg: DictConfig) -> str:
+    """The cache key of the attributed model (also the problem's ``key`` for factor caches)."""
     identity = {"task": cfg.task_name, "config": task_config(cfg), "version": task.VERSION,
                 "class": type(task).__qualname__, "seed": cfg.seed, "what": "model"}
-    key = hash_key(identity)
+    return hash_key(identity)
+
+
+def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
+    """The attributed model for ``cfg.seed``: from the cache, or trained and cached."""
+    key = model_key(task, cfg)
     path = Path(cache_dir) / "models" / cfg.task_name / f"{key}.pt"
     model = task.build_model(cfg.seed)
     payload = load_checked(path, key)
@@ -91,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     truths = ground_truths(task, cfg, options)
     model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
     problem = task.problem(model, checkpoints).to(task.device)
+    problem.key = problem.key or model_key(task, cfg)
     estimator = instantiate(cfg.estimator)
 
     reset_peak_rss()  # peak_rss_mb measures fit + score, also inside a multirun
