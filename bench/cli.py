@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for kind in task.ground_truths:
             plan = gt.plan(task, cfg.task_name, task_config(cfg), kind)
             paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
-                                          options.num_shards, options.num_threads))
+                                          options.num_shards, options.num_threads,
+                                          options.vectorise))
         log.info("Ground-truth shard %d/%d written: %s", options.shard + 1, options.num_shards,
                  ", ".join(map(str, paths)))
         return {"stage": "ground_truth", "shards": [str(p) for p in paths]}
