@@ -28,6 +28,7 @@ from bench.cache import hash_key, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate
 from bench.record import peak_rss_mb, provenance, write_records
+from estimators.base import GradientEstimator
 from estimators.problem import Checkpoint
 from tasks.base import Task
 
@@ -93,6 +94,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
     problem = task.problem(model, checkpoints).to(task.device)
     estimator = instantiate(cfg.estimator)
+    if cfg.get("memory_budget_mb") and isinstance(estimator, GradientEstimator):
+        estimator.fit_chunk_to_budget(problem, float(cfg.memory_budget_mb))
 
     start = time.perf_counter()
     estimator.fit(problem)
