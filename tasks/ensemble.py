@@ -18,8 +18,13 @@ the same generator; ``tests/test_ensemble.py`` checks the batches against a real
 (this mirrors torch's ``RandomSampler``/``BatchSampler``, so a torch upgrade that changes them
 fails that test rather than silently changing ground truth).
 
-Limits: a per-coordinate optimizer (SGD, Adam; not L-BFGS nor global-norm clipping), a
-``TensorDataset``, and subsets of equal size (so every model takes the same number of steps).
+The steps of all epochs are precomputed as ``[M, b]`` index tensors and fed to one
+Lightning fit of a single pass (the schedule is the same; only Lightning's epoch counter
+differs, which matters to neither a constant learning rate nor the recorded step count).
+
+Limits: a per-coordinate optimizer (SGD, Adam; not L-BFGS nor global-norm clipping), no
+randomness in the forward pass (no dropout), a ``TensorDataset``, and subsets of equal size
+(so every model takes the same number of steps).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ peak resident memory after setup (the baseline), scores with a gradient estimato
 reports the peak above that baseline. At the default sizes the ``[n_train, P]`` gradient
 matrix that a non-streaming scorer would hold takes 1.1 GB and 4.4 GB.
 
-    python -m bench.perf.score_memory                              # n = 512 and 2,048
-    python -m bench.perf.score_memory --memory-budget-mb 64 --out results/perf.md
+    python -m bench.perf.score_memory             # n = 512, 2,048; no budget and 128 MB
+    python -m bench.perf.score_memory --budgets 0 --out results/perf.md
 
 ``--out`` replaces this script's section of a markdown file (other sections are kept).
 """
@@ -65,13 +65,14 @@ def child(n_train: int, args: argparse.Namespace) -> dict:
 
 
 def measure(sizes: list[int], args: argparse.Namespace) -> list[dict]:
-    """One fresh process per size; their JSON results."""
+    """One fresh process per size; their JSON results (``args.memory_budget_mb`` set)."""
     out = []
     for n in sizes:
         command = [sys.executable, "-m", "bench.perf.score_memory", "--child", str(n),
                    *forwarded(args)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
-        out.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        out.append({**json.loads(result.stdout.strip().splitlines()[-1]),
+                    "budget": args.memory_budget_mb})
         print(out[-1], file=sys.stderr, flush=True)
     return out
 
@@ -82,27 +83,39 @@ def forwarded(args: argparse.Namespace) -> list[str]:
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> str:
-    growth = rows[-1]["peak_above_baseline_mb"] / max(rows[0]["peak_above_baseline_mb"], 1e-9)
+def growth(rows: list[dict]) -> str:
+    ratio = rows[-1]["peak_above_baseline_mb"] / max(rows[0]["peak_above_baseline_mb"], 1e-9)
+    budget = f"budget {rows[0]['budget']:g} MB" if rows[0]["budget"] else "no budget"
+    return (f"{budget}: peak growth from n = {rows[0]['n_train']} to {rows[-1]['n_train']}: "
+            f"**{100 * (ratio - 1):+.1f} %**")
+
+
+def row(r: dict) -> str:
+    budget = f"{r['budget']:g}" if r["budget"] else "—"
+    return (f"| {budget} | {r['n_train']} | {r['params']:,} | {r['chunk_size']} | "
+            f"{r['full_gradients_gb']:.1f} GB | {r['peak_above_baseline_mb']:.0f} MiB | "
+            f"{r['seconds']:.1f} |")
+
+
+def table(groups: list[list[dict]], args: argparse.Namespace) -> str:
+    rows = [r for group in groups for r in group]
     lines = [
         f"<!-- {SECTION} -->",
         "## Scoring peak memory vs n_train (streamed gradients)",
         "",
         f"`python -m bench.perf.score_memory --estimator {args.estimator} --chunk-size "
-        f"{args.chunk_size} --memory-budget-mb {args.memory_budget_mb}`: a "
+        f"{args.chunk_size} --budgets {' '.join(f'{b:g}' for b in args.budgets)}`: a "
         f"{args.d_in}-{args.width}-10 MLP on random data, {args.n_queries} queries, "
         f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; each "
         "size in a fresh process; peak resident memory (ru_maxrss) above the peak after "
-        "setup.",
+        "setup (`memory_budget_mb` lowers the chunk size).",
         "",
-        "| n_train | P | chunk | [n_train, P] float32 | peak above baseline | score s |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r['n_train']} | {r['params']:,} | {r['chunk_size']} | "
-          f"{r['full_gradients_gb']:.1f} GB | {r['peak_above_baseline_mb']:.0f} MiB | "
-          f"{r['seconds']:.1f} |" for r in rows],
+        "| budget MB | n_train | P | chunk | [n_train, P] float32 | peak above baseline "
+        "| score s |",
+        "|---|---|---|---|---|---|---|",
+        *[row(r) for r in rows],
         "",
-        f"Peak growth from n = {rows[0]['n_train']} to {rows[-1]['n_train']}: "
-        f"**{100 * (growth - 1):+.1f} %**.",
+        *[f"- {growth(group)}" for group in groups],
         f"<!-- /{SECTION} -->",
         "",
     ]
@@ -116,8 +129,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--n-queries", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--memory-budget-mb", type=float, default=0.0,
-                        help="0: no budget (chunk_size as given)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0, 128.0],
+                        help="memory_budget_mb values to run (0: none, chunk_size as given)")
+    parser.add_argument("--memory-budget-mb", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--estimator", choices=["grad_dot", "grad_cos"], default="grad_dot")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -126,7 +140,11 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(args.child, args)))
         return
-    section = table(measure(args.sizes, args), args)
+    groups = []
+    for budget in args.budgets:
+        args.memory_budget_mb = budget
+        groups.append(measure(args.sizes, args))
+    section = table(groups, args)
     print(section)
     if args.out:
         from bench.perf.ground_truth_speed import write_section
