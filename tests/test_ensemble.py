@@ -98,7 +98,7 @@ def _fail(*args, **kwargs):
 
 
 def test_lds_ground_truth_agrees_between_paths(make_cfg, tmp_path, monkeypatch):
-    records, truths = {}, {}
+    records, truths, keys = {}, {}, set()
     sequential = gt._retrain
     for vectorise in (True, False):
         if vectorise:  # the vectorised path must not fall back to one-by-one fits
@@ -106,11 +106,13 @@ def test_lds_ground_truth_agrees_between_paths(make_cfg, tmp_path, monkeypatch):
         else:
             monkeypatch.setattr(gt, "_retrain", sequential)
         cache = tmp_path / f"cache-{vectorise}"
-        cfg = make_cfg("digits_mlp", "estimator=grad_dot", f"cache_dir={cache}",
+        cfg = make_cfg("digits_mlp", "estimator=grad_dot", f"cache_dir={cache}", "task.lds.seeds=2",
                        f"ground_truth.vectorise={vectorise}")
         records[vectorise] = run(cfg)
         plan = gt.plan(instantiate(cfg.task), "digits_mlp", task_config(cfg), "lds")
         truths[vectorise] = gt.assemble(plan, cache, 1)["outputs"]
+        keys.add(plan.key)
+    assert len(keys) == 1  # one cache entry serves both paths
     torch.testing.assert_close(truths[True], truths[False], atol=1e-4, rtol=0)
     lds_sem = max(records[True]["lds_sem"], records[False]["lds_sem"])
     assert abs(records[True]["lds"] - records[False]["lds"]) <= lds_sem
