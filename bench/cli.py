@@ -27,7 +27,14 @@ from bench import ground_truth as gt
 from bench.cache import hash_key, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate, lds_ceiling
-from bench.record import peak_rss_mb, provenance, reset_peak_rss, write_layer_scores, write_records
+from bench.record import (
+    peak_rss_mb,
+    provenance,
+    reset_peak_rss,
+    write_layer_scores,
+    write_records,
+)
+from estimators.base import GradientEstimator
 from estimators.problem import Checkpoint
 from tasks.base import Task
 
@@ -86,7 +93,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for kind in task.ground_truths:
             plan = gt.plan(task, cfg.task_name, task_config(cfg), kind)
             paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
-                                          options.num_shards, options.num_threads))
+                                          options.num_shards, options.num_threads,
+                                          options.vectorise))
         log.info("Ground-truth shard %d/%d written: %s", options.shard + 1, options.num_shards,
                  ", ".join(map(str, paths)))
         return {"stage": "ground_truth", "shards": [str(p) for p in paths]}
@@ -98,6 +106,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     problem = task.problem(model, checkpoints).to(task.device)
     problem.key = problem.key or model_key(task, cfg)
     estimator = instantiate(cfg.estimator)
+    if cfg.get("memory_budget_mb") and isinstance(estimator, GradientEstimator):
+        estimator.fit_chunk_to_budget(problem, float(cfg.memory_budget_mb))
 
     reset_peak_rss()  # peak_rss_mb measures fit + score, also inside a multirun
     start = time.perf_counter()

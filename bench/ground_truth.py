@@ -43,6 +43,9 @@ class GroundTruthOptions:
         shard: which shard this process computes in ``stage=ground_truth``.
         num_shards: how many shards the work is split into.
         num_threads: torch threads while retraining (fixed, for reproducibility).
+        vectorise: train a shard's LDS models as one vectorised ensemble where the task
+            supports it (:meth:`~tasks.base.Task.fit_many`); the same models up to float
+            rounding, so the cache key does not depend on it.
         on_missing: ``compute`` missing shards in this process, or ``error`` with the list
             and the command that computes them.
     """
@@ -51,6 +54,7 @@ class GroundTruthOptions:
     num_shards: int = 1
     num_threads: int = 1
     on_missing: str = "compute"
+    vectorise: bool = True
 
     def __post_init__(self):
         if not 0 <= self.shard < self.num_shards:
@@ -126,6 +130,18 @@ def _retrain(task: Task, plan: Plan, unit: int, init: dict | None) -> torch.Tens
     return task.measure_queries(model)
 
 
+def _retrain_many(task: Task, plan: Plan, units: list[int]) -> list[torch.Tensor] | None:
+    """The measurements of LDS ``units`` trained together by ``task.fit_many``, or None
+    where the task (or the kind) does not support vectorised retraining."""
+    if plan.kind != "lds" or not units:
+        return None
+    pairs = [divmod(u, plan.spec["seeds"]) for u in units]  # (subset, seed index)
+    seeds = [RETRAIN_SEED_BASE + k for _, k in pairs]
+    indices = [plan.meta["masks"][j].nonzero().flatten() for j, _ in pairs]
+    values = task.fit_many(seeds, indices)
+    return None if values is None else list(values)
+
+
 def _reference(task: Task) -> tuple[dict, torch.Tensor]:
     """The full-data model of LOO (seed-independent for a convex task) and f(θ)."""
     model = task.build_model(RETRAIN_SEED_BASE)
@@ -134,7 +150,7 @@ def _reference(task: Task) -> tuple[dict, torch.Tensor]:
 
 
 def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shards: int,
-                  num_threads: int = 1) -> Path:
+                  num_threads: int = 1, vectorise: bool = True) -> Path:
     """Computes one shard (if not cached) and writes it atomically; returns its path."""
     path = plan.shard_path(cache_dir, shard, num_shards)
     sweep_stale_temp_files(path.parent)
@@ -145,8 +161,10 @@ def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shard
     torch.set_num_threads(num_threads)
     try:
         init, reference = _reference(task) if plan.kind == "loo" else (None, None)
-        desc = f"{plan.kind.upper()} retraining, shard {shard + 1}/{num_shards}"
-        values = [_retrain(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
+        values = _retrain_many(task, plan, units) if vectorise else None
+        if values is None:
+            desc = f"{plan.kind.upper()} retraining, shard {shard + 1}/{num_shards}"
+            values = [_retrain(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
     finally:
         torch.set_num_threads(previous_threads)
     payload = {"key": plan.key, "units": torch.tensor(units, dtype=torch.long),
@@ -212,5 +230,6 @@ def load_or_compute(task: Task, plan: Plan, cache_dir: Path,
             "ground_truth.on_missing=compute to compute them here."
         )
     for shard in missing:
-        compute_shard(task, plan, cache_dir, shard, options.num_shards, options.num_threads)
+        compute_shard(task, plan, cache_dir, shard, options.num_shards, options.num_threads,
+                      options.vectorise)
     return assemble(plan, cache_dir, options.num_shards)

@@ -21,6 +21,8 @@ from torch import Tensor
 from estimators.gradients import GradientEngine, LayerGrads, dot
 from estimators.problem import AttributionProblem
 
+GRADIENT_COPIES = 3  # [B, P] float32 buffers alive at once while a chunk is scored
+
 
 class Estimator(ABC):
     """A training-data attribution method.
@@ -65,6 +67,23 @@ class GradientEstimator(Estimator):
     def engine(self, problem: AttributionProblem) -> GradientEngine:
         return GradientEngine(problem.model, self.modules)
 
+    def fit_chunk_to_budget(self, problem: AttributionProblem, memory_budget_mb: float) -> int:
+        """Lowers ``chunk_size`` so that a chunk's gradients fit in ``memory_budget_mb``.
+
+        A chunk of B examples holds about ``GRADIENT_COPIES`` float32 copies of its ``[B, P]``
+        gradients (the per-example gradients, a transformed or cast copy, finiteness masks);
+        activations, the query gradients and the ``[n_queries, n_train]`` scores are not
+        counted. Never raises ``chunk_size``; at least one example per chunk.
+
+        Returns:
+            the chunk size now in use.
+        """
+        check_positive("memory_budget_mb", memory_budget_mb)
+        per_example = GRADIENT_COPIES * 4 * self.engine(problem).num_params
+        fits = int(memory_budget_mb * 2**20 // per_example)
+        self.chunk_size = max(1, min(self.chunk_size, fits))
+        return self.chunk_size
+
     def precondition(self, problem: AttributionProblem, engine: GradientEngine,
                      query_grads: LayerGrads) -> LayerGrads:
         """Maps query gradients ``{layer: [Q, o, i]}`` to P ∇f. Default: identity."""
@@ -84,6 +103,7 @@ class GradientEstimator(Estimator):
         for idx, grads in engine.stream(problem, "train", self.chunk_size, "scoring"):
             grads = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}
             scores[..., idx] = -dot(pre, grads, per_layer=self.per_layer).cpu()
+            del grads  # one chunk alive at a time
         if self.per_layer:
             self.layer_scores = scores
             return scores.sum(0)

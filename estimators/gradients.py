@@ -201,6 +201,7 @@ class GradientEngine:
                 grads = self.gradients(fn, move_to(batch, problem.device))
                 size = next(iter(grads.values())).shape[0]
                 yield slice(start, start + size), grads
+                del grads  # free this chunk before computing the next (peak: one chunk)
                 start += size
         finally:
             self.model.train(was_training)

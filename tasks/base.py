@@ -82,6 +82,17 @@ class Task(ABC):
             the checkpoints recorded during training, the final one last.
         """
 
+    def fit_many(self, seeds: list[int], subsets: list[Tensor],
+                 progress: bool = False) -> Tensor | None:
+        """Optional vectorised retraining: model m = ``build_model(seeds[m])`` fitted with
+        ``fit(model, seeds[m], subsets[m])``, all at once.
+
+        Returns:
+            ``[M, n_queries]`` measurements (``measure_queries`` of each model), or None when
+            the task cannot vectorise these fits (the default): callers then fit one by one.
+        """
+        return None
+
     @abstractmethod
     def problem(self, model: nn.Module, checkpoints: list[Checkpoint]) -> AttributionProblem:
         """The attribution problem of a trained model."""

@@ -77,19 +77,26 @@ class ClassifierModule(L.LightningModule):
         self.optim = dict(optim)
         self.l2 = l2
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = per_example_ce(self.model(batch[0]), batch).mean()
+    def objective(self, model: nn.Module, batch) -> Tensor:
+        """The scalar training loss of ``model`` on ``batch`` (also used by ensembles)."""
+        loss = per_example_ce(model(batch[0]), batch).mean()
         if self.optimizer_name == "lbfgs" and self.l2:
-            loss = loss + 0.5 * self.l2 * sum(p.pow(2).sum() for p in self.model.parameters())
+            loss = loss + 0.5 * self.l2 * sum(p.pow(2).sum() for p in model.parameters())
         return loss
 
-    def configure_optimizers(self):
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        return self.objective(self.model, batch)
+
+    def optimizer_for(self, params) -> torch.optim.Optimizer:
+        """The optimizer, with its hyperparameters, over ``params``."""
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.model.parameters(), weight_decay=self.l2, **self.optim)
+            return torch.optim.SGD(params, weight_decay=self.l2, **self.optim)
         if self.optimizer_name == "lbfgs":
-            return torch.optim.LBFGS(self.model.parameters(), line_search_fn="strong_wolfe",
-                                     **self.optim)
+            return torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **self.optim)
         raise ValueError(f"unknown optimizer {self.optimizer_name!r}: use sgd or lbfgs")
+
+    def configure_optimizers(self):
+        return self.optimizer_for(self.model.parameters())
 
 
 class DigitsTask(Task):
@@ -107,6 +114,7 @@ class DigitsTask(Task):
     dtype = torch.float32
     optimizer = "sgd"
     precision = "32-true"
+    ensemble_size = 256  # models per vectorised pass of fit_many
 
     def __init__(self, n_train: int = 1000, n_queries: int = 100, l2: float = 1e-3,
                  batch_size: int = 32, epochs: int = 20, optim: dict | None = None, **task):
@@ -128,6 +136,31 @@ class DigitsTask(Task):
         return lightning_fit(module, self.train_set, indices=indices,
                              batch_size=self.batch_size, epochs=self.epochs, seed=seed,
                              device=self.device, precision=self.precision, progress=progress)
+
+    def fit_many(self, seeds: list[int], subsets: list[Tensor],
+                 progress: bool = False) -> Tensor | None:
+        """Trains ``build_model(seeds[m])`` on ``subsets[m]`` with shuffle seed ``seeds[m]`` for
+        every m as one vectorised ensemble (see :mod:`tasks.ensemble`), in passes of at most
+        ``ensemble_size`` models.
+
+        Returns:
+            ``[M, n_queries]`` float64 measurements, or None where the optimizer cannot be
+            vectorised (L-BFGS) or the subsets differ in size.
+        """
+        from tasks.ensemble import EnsembleModule, ensemble_batches, fit_ensemble
+
+        if self.optimizer != "sgd" or len({len(s) for s in subsets}) > 1:
+            return None
+        recipe = ClassifierModule(nn.Identity(), self.optimizer, self.optim, self.l2)
+        out = []
+        for start in range(0, len(seeds), self.ensemble_size):
+            part = slice(start, start + self.ensemble_size)
+            models = [self.build_model(int(s)) for s in seeds[part]]
+            module = EnsembleModule(models, self.train_set, recipe.objective, recipe.optimizer_for)
+            steps = ensemble_batches(seeds[part], subsets[part], self.batch_size, self.epochs)
+            fit_ensemble(module, steps, models, self.device, self.precision, progress)
+            out += [self.measure_queries(model.to(self.device)) for model in models]
+        return torch.stack(out)
 
     def problem(self, model: nn.Module, checkpoints: list[Checkpoint]) -> AttributionProblem:
         return AttributionProblem(

@@ -1,0 +1,1 @@
+"""Performance benchmarks: runnable scripts whose outputs are committed in results/perf.md."""
