@@ -254,17 +254,34 @@ def load_or_compute(task: Task, plan: Plan, cache_dir: Path, options: GroundTrut
     done = complete_split(plan, cache_dir)
     if done is not None:
         return assemble(plan, cache_dir, done)
-    missing = missing_shards(plan, cache_dir, options.num_shards)
+    num_shards = started_split(plan, cache_dir, options.num_shards)
+    missing = missing_shards(plan, cache_dir, num_shards)
     if missing and options.on_missing == "error":
         raise GroundTruthMissing(
             f"{plan.kind} ground truth of task {plan.task_name} is missing shards {missing} of "
-            f"{options.num_shards} (in {plan.directory(cache_dir)}). Compute them with:\n"
-            f"  {shard_command(plan, options.num_shards, missing, overrides)}\n"
+            f"{num_shards} (in {plan.directory(cache_dir)}). Compute them with:\n"
+            f"  {shard_command(plan, num_shards, missing, overrides)}\n"
             "then rerun this command; or set ground_truth.on_missing=compute to compute them "
             "in this run."
         )
     held_elsewhere = [s for s in missing if compute_shard(
-        task, plan, cache_dir, s, options.num_shards, options.num_threads, wait=False) is None]
+        task, plan, cache_dir, s, num_shards, options.num_threads, wait=False) is None]
     for shard in held_elsewhere:
-        compute_shard(task, plan, cache_dir, shard, options.num_shards, options.num_threads)
-    return assemble(plan, cache_dir, options.num_shards)
+        compute_shard(task, plan, cache_dir, shard, num_shards, options.num_threads)
+    return assemble(plan, cache_dir, num_shards)
+
+
+def started_split(plan: Plan, cache_dir: Path, num_shards: int) -> int:
+    """The split to complete: ``num_shards`` if any of its shards exist, else the split with
+    the most shards in the cache (so finished shards are never redone), else ``num_shards``."""
+    present: dict[int, int] = {}
+    for path in plan.directory(cache_dir).glob("shard-*-of-*.pt"):
+        count = int(path.stem.rsplit("-", 1)[-1])
+        present[count] = present.get(count, 0) + 1
+    if num_shards in present or not present:
+        return num_shards
+    best = max(present, key=lambda n: (present[n] / n, -n))
+    log.info("Completing the %d-shard split of %s ground truth already in the cache (%d of %d "
+             "shards present) instead of starting a %d-shard split.", best, plan.kind,
+             present[best], best, num_shards)
+    return best

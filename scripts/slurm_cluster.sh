@@ -184,6 +184,7 @@ up() {
     start slurmd slurmd -D -f "$CONF" -N "$(sed -n 's/^NodeName=\([^ ]*\).*/\1/p' "$CONF")"
     wait_for slurmd 60 cluster_responds
     say "up: $(sinfo -h -o '%P %D nodes, %c CPUs, %m MiB, %T')"
+    print_env >"$DIR/env.sh"
     print_env
 }
 

@@ -161,3 +161,19 @@ def test_missing_shards_stop_with_the_list_and_command(tmp_path, capsys, monkeyp
     assert ("tda-bench -m stage=ground_truth task=digits_mlp task.n_train=120 task.n_queries=12"
             in err)
     assert f"cache_dir={cache_dir} ground_truth.num_shards=3 ground_truth.shard=0,1,2" in err
+
+
+def test_an_incomplete_split_is_completed_and_any_split_gives_the_same_truth(tmp_path, tiny_plan):
+    task, plan = tiny_plan
+    cache_dir = tmp_path / "cache"
+    first = gt.compute_shard(task, plan, cache_dir, 0, 4)
+    stamp = first.stat().st_mtime_ns
+    with pytest.raises(gt.GroundTruthMissing, match=r"missing shards \[1, 2, 3\] of 4"):
+        gt.load_or_compute(task, plan, cache_dir, gt.GroundTruthOptions(on_missing="error"))
+    truth = gt.load_or_compute(task, plan, cache_dir, gt.GroundTruthOptions())  # 1 shard asked
+    assert first.stat().st_mtime_ns == stamp  # finished shards are never redone
+    assert sorted(p.name for p in plan.directory(cache_dir).glob("shard-*")) == [
+        f"shard-{s:04d}-of-0004.pt" for s in range(4)]
+    whole = gt.load_or_compute(task, plan, tmp_path / "one-shard", gt.GroundTruthOptions())
+    assert torch.equal(truth["values"], whole["values"]) and torch.equal(truth["masks"],
+                                                                          whole["masks"])

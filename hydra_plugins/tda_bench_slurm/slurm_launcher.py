@@ -75,14 +75,16 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
 
 def _wait_all(jobs: list[Any], poll_s: float = POLL_S) -> None:
-    """Blocks until every job has finished, asking the scheduler every ``poll_s`` seconds."""
+    """Blocks until every job has finished, asking the scheduler every ``poll_s`` seconds
+    (one ``sacct`` call refreshes the state of every job of the sweep)."""
     last_poll = time.monotonic()
     while True:
-        force = time.monotonic() - last_poll >= poll_s
-        if force:
-            last_poll = time.monotonic()
-        if all(job.done(force_check=force) for job in jobs):
+        pending = [job for job in jobs if not job.done()]
+        if not pending:
             return
+        if time.monotonic() - last_poll >= poll_s:
+            last_poll = time.monotonic()
+            pending[0].done(force_check=True)
         time.sleep(1.0)
 
 
