@@ -5,8 +5,9 @@ on the jobs in order, raising a traceback at the first one that failed while the
 may still run. This subclass submits the same way, then waits for *every* job, polling the
 scheduler (``sacct``) at least every ``poll_s`` seconds so a cancelled or killed job is seen
 promptly, and ends with one summary: which jobs completed, which did not (SLURM state and
-the job's own error message, deduplicated), and how to resume (rerun the same command;
-the caches make finished work free). The sweep exits with status 1 if any job failed.
+the job's own error message, deduplicated), and how to resume (rerun the same command:
+trained models and ground-truth shards are cached, so only lost work is redone). The sweep
+exits with status 1 if any job failed.
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ def _report(failures: list[tuple[Any, str, str]], n_jobs: int, sweep_dir: Path) 
         lines.extend(f"    {line}" for line in message.splitlines())
     lines.append(f"  logs: {sweep_dir / '.submitit'}/<job id>/")
     done = n_jobs - len(failures)
-    lines.append(f"The {done} completed job(s) wrote their records. Rerun the same command to "
-                 "redo the others: trained models and ground-truth shards come from the cache.")
+    lines.append(f"The {done} completed job(s) wrote their records. To finish, rerun the same "
+                 "command: trained models and ground-truth shards come from the cache, so only "
+                 "lost work is recomputed.")
     return "\n".join(lines)
 
 
