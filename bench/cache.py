@@ -6,16 +6,26 @@ name beside the target and renamed into place (``os.replace`` is atomic on POSIX
 reader never sees half a file and an interrupted writer leaves only a temp file, which is
 ignored and later swept. Each payload stores its own key; a file that fails to load or
 carries another key is reported, deleted and recomputed.
+
+The bytes of a file depend only on its payload (``torch.save`` to a buffer: the zip records
+are not named after the temp file), so a result recomputed after a crash is byte-identical.
+:func:`cache_lock` (an advisory ``flock`` on a hidden ``.<name>.lock`` beside the target)
+lets concurrent jobs that need the same file compute it once; the kernel drops the lock when
+its holder dies, so a killed job never blocks the rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +41,69 @@ def hash_key(spec: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def payload_bytes(payload: dict[str, Any]) -> bytes:
+    """``torch.save`` of ``payload`` as bytes that depend only on its content."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Writes ``payload`` with ``torch.save`` to ``path`` atomically."""
+    """Writes ``payload`` with ``torch.save`` to ``path`` atomically (deterministic bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = payload_bytes(payload)
     tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def lock_path(path: Path) -> Path:
+    """The hidden lock file that guards the computation of ``path``."""
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """Holds an exclusive advisory lock for computing ``path``; yields whether it was acquired.
+
+    With ``blocking=False`` it yields False at once if another process holds the lock. The
+    lock file itself is left in place (removing it would race with a waiting process).
+    """
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def load_checked(path: Path, key: str) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from importlib import resources
@@ -24,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import ground_truth as gt
-from bench.cache import hash_key, load_checked, save_atomic
+from bench.cache import cache_lock, hash_key, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate, lds_ceiling
 from bench.record import (
@@ -63,10 +64,13 @@ def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
     model = task.build_model(cfg.seed)
     payload = load_checked(path, key)
     if payload is None:
-        log.info("Training %s (seed %d)", cfg.task_name, cfg.seed)
-        checkpoints = task.fit(model, seed=cfg.seed, progress=cfg.progress)
-        save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path)
-    else:
+        with cache_lock(path):  # concurrent jobs of a sweep train each model once
+            payload = load_checked(path, key)
+            if payload is None:
+                log.info("Training %s (seed %d)", cfg.task_name, cfg.seed)
+                checkpoints = task.fit(model, seed=cfg.seed, progress=cfg.progress)
+                save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path)
+    if payload is not None:
         log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, cfg.seed, path)
         checkpoints = [Checkpoint(**c) for c in payload["checkpoints"]]
     model.load_state_dict(checkpoints[-1].state_dict)
@@ -76,7 +80,25 @@ def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
 def ground_truths(task: Task, cfg: DictConfig, options: gt.GroundTruthOptions) -> dict:
     """Every ground truth the task offers, from the cache or computed."""
     plans = [gt.plan(task, cfg.task_name, task_config(cfg), kind) for kind in task.ground_truths]
-    return {p.kind: gt.load_or_compute(task, p, Path(cfg.cache_dir), options) for p in plans}
+    overrides = ground_truth_overrides(cfg)
+    return {p.kind: gt.load_or_compute(task, p, Path(cfg.cache_dir), options, overrides)
+            for p in plans}
+
+
+GROUND_TRUTH_PREFIXES = ("task.", "+task.", "++task.", "~task.", "experiment=", "hydra/launcher=",
+                         "hydra.launcher.", "device=")
+
+
+def ground_truth_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides of this run that a ground-truth job must repeat (task values, experiment,
+    launcher), shell-quoted, and the resolved ``cache_dir``."""
+    try:
+        hydra_cfg = HydraConfig.get()
+        given = [*hydra_cfg.overrides.task, *hydra_cfg.overrides.hydra]
+    except ValueError:
+        given = []
+    keep = [o for o in given if o.startswith(GROUND_TRUTH_PREFIXES)]
+    return [*map(shlex.quote, keep), shlex.quote(f"cache_dir={Path(cfg.cache_dir).resolve()}")]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

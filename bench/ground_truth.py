@@ -12,7 +12,10 @@ ground-truth settings and the task's ``VERSION``, and shared by every run of the
 
 The work is a list of retraining *units* (one subset and seed, or one removed point); shard
 ``s`` of ``S`` takes units ``s, s+S, s+2S, ...`` and is written atomically as its own file,
-so shards can run as separate jobs (SLURM arrays). Torch's thread count is fixed while
+so shards can run as separate jobs (SLURM arrays). A shard is computed under a lock, so two
+jobs never compute the same shard at once; a job killed mid-shard leaves no shard file, and
+the bytes of a shard file depend only on its content, so a rerun after a crash reproduces
+the cache of an uninterrupted run byte for byte. Torch's thread count is fixed while
 retraining so that every sharding gives the same numbers.
 """
 
@@ -26,7 +29,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench.cache import hash_key, load_checked, save_atomic, sweep_stale_temp_files
+from bench.cache import (
+    cache_lock,
+    hash_key,
+    load_checked,
+    lock_path,
+    save_atomic,
+    sweep_stale_temp_files,
+)
 from tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -150,12 +160,47 @@ def _reference(task: Task) -> tuple[dict, torch.Tensor]:
 
 
 def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shards: int,
-                  num_threads: int = 1, vectorise: bool = True) -> Path:
-    """Computes one shard (if not cached) and writes it atomically; returns its path."""
+                  num_threads: int = 1, vectorise: bool = True,
+                  wait: bool = True) -> Path | None:
+    """Computes one shard (if not cached) and writes it atomically; returns its path.
+
+    ``vectorise`` trains the shard's models together when the task supports it
+    (:meth:`~tasks.base.Task.fit_many`); the result is the same either way.
+
+    The shard's lock is held while computing, so a concurrent job that needs the same shard
+    waits for it (``wait=True``) instead of computing it again; with ``wait=False`` this
+    returns None at once when another process holds the lock.
+    """
     path = plan.shard_path(cache_dir, shard, num_shards)
     sweep_stale_temp_files(path.parent)
     if load_checked(path, plan.key) is not None:
         return path
+    with cache_lock(path, blocking=False) as locked:
+        if locked:
+            return _compute_locked(task, plan, path, shard, num_shards, num_threads, vectorise)
+    if not wait:
+        return None
+    log.info("Waiting for %s shard %d/%d: another job is computing it (lock %s)", plan.kind,
+             shard + 1, num_shards, lock_path(path))
+    with cache_lock(path):
+        return _compute_locked(task, plan, path, shard, num_shards, num_threads, vectorise)
+
+
+def _compute_locked(task: Task, plan: Plan, path: Path, shard: int, num_shards: int,
+                    num_threads: int, vectorise: bool) -> Path:
+    """Computes and writes a shard; the caller holds its lock."""
+    if load_checked(path, plan.key) is not None:  # written while we waited for the lock
+        log.info("%s shard %d/%d was computed by another job: %s", plan.kind, shard + 1,
+                 num_shards, path)
+        return path
+    log.info("Computing %s shard %d/%d (%d retrainings) into %s", plan.kind, shard + 1,
+             num_shards, len(plan.units[shard::num_shards]), path)
+    save_atomic(_compute_payload(task, plan, shard, num_shards, num_threads, vectorise), path)
+    return path
+
+
+def _compute_payload(task: Task, plan: Plan, shard: int, num_shards: int,
+                     num_threads: int, vectorise: bool) -> dict[str, torch.Tensor]:
     units = plan.units[shard::num_shards]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
@@ -171,8 +216,7 @@ def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shard
                "values": torch.stack(values) if values else torch.zeros(0)}
     if reference is not None:
         payload["reference"] = reference
-    save_atomic(payload, path)
-    return path
+    return payload
 
 
 def missing_shards(plan: Plan, cache_dir: Path, num_shards: int) -> list[int]:
@@ -211,25 +255,57 @@ def complete_split(plan: Plan, cache_dir: Path) -> int | None:
     return next((n for n in counts if not missing_shards(plan, cache_dir, n)), None)
 
 
-def load_or_compute(task: Task, plan: Plan, cache_dir: Path,
-                    options: GroundTruthOptions) -> dict[str, torch.Tensor]:
+def shard_command(plan: Plan, num_shards: int, shards: list[int],
+                  overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The ``tda-bench`` multirun that computes ``shards`` of a ``num_shards`` split."""
+    return " ".join(["tda-bench -m stage=ground_truth", f"task={plan.task_name}", *overrides,
+                     f"ground_truth.num_shards={num_shards}",
+                     f"ground_truth.shard={','.join(map(str, shards))}"])
+
+
+def load_or_compute(task: Task, plan: Plan, cache_dir: Path, options: GroundTruthOptions,
+                    overrides: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The ground truth of ``plan``: from the cache (a complete split of any shard count), or
-    computed where ``on_missing`` allows."""
+    computed where ``on_missing`` allows.
+
+    ``overrides`` (the run's task, cache and launcher overrides) complete the command that
+    the ``on_missing=error`` message prints. Concurrent jobs that compute the same missing
+    shards share the work: each first takes the shards no other job holds, then waits for
+    the rest.
+    """
     done = complete_split(plan, cache_dir)
     if done is not None:
         return assemble(plan, cache_dir, done)
-    missing = missing_shards(plan, cache_dir, options.num_shards)
+    num_shards = started_split(plan, cache_dir, options.num_shards)
+    missing = missing_shards(plan, cache_dir, num_shards)
     if missing and options.on_missing == "error":
-        shards = ",".join(map(str, missing))
         raise GroundTruthMissing(
             f"{plan.kind} ground truth of task {plan.task_name} is missing shards {missing} of "
-            f"{options.num_shards} (in {plan.directory(cache_dir)}). Compute them with:\n"
-            f"  tda-bench -m stage=ground_truth task={plan.task_name} "
-            f"ground_truth.num_shards={options.num_shards} ground_truth.shard={shards}\n"
-            "(plus the same task overrides and cache_dir as this run), or set "
-            "ground_truth.on_missing=compute to compute them here."
+            f"{num_shards} (in {plan.directory(cache_dir)}). Compute them with:\n"
+            f"  {shard_command(plan, num_shards, missing, overrides)}\n"
+            "then rerun this command; or set ground_truth.on_missing=compute to compute them "
+            "in this run."
         )
-    for shard in missing:
-        compute_shard(task, plan, cache_dir, shard, options.num_shards, options.num_threads,
+    held_elsewhere = [s for s in missing if compute_shard(
+        task, plan, cache_dir, s, num_shards, options.num_threads, options.vectorise,
+        wait=False) is None]
+    for shard in held_elsewhere:
+        compute_shard(task, plan, cache_dir, shard, num_shards, options.num_threads,
                       options.vectorise)
-    return assemble(plan, cache_dir, options.num_shards)
+    return assemble(plan, cache_dir, num_shards)
+
+
+def started_split(plan: Plan, cache_dir: Path, num_shards: int) -> int:
+    """The split to complete: ``num_shards`` if any of its shards exist, else the split with
+    the most shards in the cache (so finished shards are never redone), else ``num_shards``."""
+    present: dict[int, int] = {}
+    for path in plan.directory(cache_dir).glob("shard-*-of-*.pt"):
+        count = int(path.stem.rsplit("-", 1)[-1])
+        present[count] = present.get(count, 0) + 1
+    if num_shards in present or not present:
+        return num_shards
+    best = max(present, key=lambda n: (present[n] / n, -n))
+    log.info("Completing the %d-shard split of %s ground truth already in the cache (%d of %d "
+             "shards present) instead of starting a %d-shard split.", best, plan.kind,
+             present[best], best, num_shards)
+    return best
