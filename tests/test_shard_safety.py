@@ -28,11 +28,15 @@ from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
+# Long enough sequential retraining that a kill lands mid-shard (vectorised, a tiny shard
+# finishes within the kill's delay); the in-process reference uses the same path, so the
+# bytes compare.
+SLOW = ("task.epochs=30", "ground_truth.vectorise=false")
 
 
 def _command(cache_dir: Path, run_dir: Path, *overrides: str, multirun: bool = False) -> list[str]:
     return [sys.executable, "-m", "bench", *(["-m"] if multirun else []), "task=digits_mlp",
-            *TINY["digits_mlp"], "logger=none", "progress=false", f"cache_dir={cache_dir}",
+            *TINY["digits_mlp"], *SLOW, "logger=none", "progress=false", f"cache_dir={cache_dir}",
             f"hydra.run.dir={run_dir}",
             f"hydra.sweep.dir={run_dir}", *overrides]
 
@@ -69,7 +73,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 @pytest.fixture
 def tiny_plan(make_cfg):
     """``(task, plan)`` of the tiny digits_mlp LDS ground truth (8 retrainings)."""
-    cfg = make_cfg("digits_mlp")
+    cfg = make_cfg("digits_mlp", *SLOW)
     task = instantiate(cfg.task, device="cpu")
     return task, gt.plan(task, "digits_mlp", task_config(cfg), "lds")
 
@@ -97,7 +101,7 @@ def test_killed_mid_shard_rerun_is_byte_identical(tmp_path, tiny_plan):
     task, plan = tiny_plan
     reference = tmp_path / "reference"
     for shard in range(2):
-        gt.compute_shard(task, plan, reference, shard, 2)
+        gt.compute_shard(task, plan, reference, shard, 2, vectorise=False)
 
     cache_dir = tmp_path / "cache"
     cmd = _command(cache_dir, tmp_path / "runs", "stage=ground_truth",
@@ -140,7 +144,7 @@ def test_concurrent_jobs_compute_a_shard_once(tmp_path, tiny_plan):
     shard_dir = plan.directory(cache_dir)
     assert [p.name for p in shard_dir.glob("shard-*")] == ["shard-0001-of-0002.pt"]
     assert not list(shard_dir.glob(".*.tmp"))
-    reference = gt.compute_shard(task, plan, tmp_path / "reference", 1, 2)
+    reference = gt.compute_shard(task, plan, tmp_path / "reference", 1, 2, vectorise=False)
     assert shard_path.read_bytes() == reference.read_bytes()
 
 
