@@ -64,8 +64,8 @@ install_packages() {
     for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     [ -z "$missing" ] && { say "packages present"; return; }
     say "installing$missing"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >&2
 }
 
 write_configs() {
