@@ -7,7 +7,8 @@ A task declares this ground truth in ``problem.extra``:
   (empty: the query is left out of the attribution metrics);
 * ``query_sets`` (optional): ``{"forward": [...], "flipped": [...]}`` query indices; metrics
   of the ``flipped`` set get the prefix ``flipped_``;
-* ``tail_patch`` (optional): ``{lr, second_moment, eps, step_loss}`` (see below).
+* ``tail_patch`` (optional): ``{lr, adam, step_loss}`` (see below); ``adam`` is the final
+  optimizer state ``{step, betas, eps, exp_avg_sq: {parameter name: v}}`` or None.
 
 Metrics, each a mean over the queries of a set:
 
@@ -16,11 +17,14 @@ Metrics, each a mean over the queries of a set:
   scores (no score, e.g. outside a candidate filter) rank last.
 * ``proponent_share``: Σ_{p ∈ proponents} score(q, p) / Σ_m |score(q, m)|.
 * ``tail_patch``: for each of the top-k documents, the increase of the query's measurement
-  (log p(target)) after one Adam step on that document alone from the final checkpoint:
-  Δθ = −lr · ∇ℓ_d / (√v̂ + ε), with ℓ_d the document's step loss (mean token NLL), v̂ the
-  final bias-corrected second moment of training and the first moment zeroed (so m̂ = ∇ℓ_d
-  and the step depends only on the document); v̂ = 1 (an SGD step) where the task has none.
-  Decoupled weight decay is not applied. Averaged over the k documents.
+  (log p(target)) after one Adam step on that document alone from the final checkpoint, as
+  ``torch.optim.Adam.step`` takes it from the final optimizer state with the first moment
+  zeroed (so the step depends only on the document): with g = ∇ℓ_d (ℓ_d the document's step
+  loss, its mean token NLL) and t the final step count,
+  m = (1 − β₁) g,  v = β₂ v_final + (1 − β₂) g²,
+  Δθ = −lr · (m / (1 − β₁^{t+1})) / (√(v / (1 − β₂^{t+1})) + ε);
+  a plain gradient step Δθ = −lr g where the task knows no Adam state. Decoupled weight
+  decay is not applied. Averaged over the k documents.
 * ``tail_patch_random``: the same for k random documents per query (seeded);
   ``tail_patch_gradnorm``: for the k documents with the largest training-loss gradient norm
   (a large step moves any prediction; an estimator should beat mere norm).
@@ -88,12 +92,9 @@ class TailPatcher:
 
     def __init__(self, problem: AttributionProblem, spec: dict):
         self.problem, self.model = problem, problem.model
-        self.lr, self.eps = float(spec["lr"]), float(spec.get("eps", 1e-8))
-        self.step_loss = spec["step_loss"]
+        self.lr, self.step_loss = float(spec["lr"]), spec["step_loss"]
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        v = spec.get("second_moment") or {}
-        self.denominator = {n: (v[n].to(p.device).sqrt() + self.eps) if n in v else None
-                            for n, p in self.params.items()}
+        self.adam = spec.get("adam")
         self.model.eval()
         self.base = self.measure(list(range(problem.n_queries)))
 
@@ -117,8 +118,13 @@ class TailPatcher:
         for name, g in zip(self.params, grads, strict=True):
             if g is None:
                 continue
-            denom = self.denominator[name]
-            update[name] = -self.lr * (g / denom if denom is not None else g)
+            if self.adam is None or name not in self.adam["exp_avg_sq"]:
+                update[name] = -self.lr * g
+                continue
+            (beta1, beta2), t = self.adam["betas"], self.adam["step"] + 1
+            v = beta2 * self.adam["exp_avg_sq"][name].to(g) + (1 - beta2) * g * g
+            m_hat = (1 - beta1) * g / (1 - beta1 ** t)
+            update[name] = -self.lr * m_hat / ((v / (1 - beta2 ** t)).sqrt() + self.adam["eps"])
         return update
 
     def effects(self, doc: int, queries: list[int]) -> Tensor:

@@ -13,7 +13,7 @@ tokenizer is built from the world's text with the ``tokenizers`` library. With
 and ``queries.jsonl`` are written there, ready for the ``hf_lm`` task.
 
 ``problem.extra``: ``proponents`` (per query), ``query_sets`` (``forward``/``flipped``
-indices), ``tail_patch`` (peak lr, AdamW's final v̂, eps, step loss) and ``metrics``
+indices), ``tail_patch`` (peak lr, AdamW's final state, step loss) and ``metrics``
 (``query_accuracy``: exact match of the forward queries; ``flipped_query_accuracy``).
 """
 
@@ -83,7 +83,7 @@ class Facts(Task):
         self.world_cfg = dict(world or {})
         self.model_cfg = {"arch": "llama", "layers": 2, "width": 128, "heads": 4,
                           "intermediate": 256, **(model or {})}
-        self.train_cfg = {"epochs": 60, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0,
+        self.train_cfg = {"epochs": 20, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0,
                           "betas": (0.9, 0.98), "warmup": 0.05, "final_lr_ratio": 0.1,
                           **(train or {})}
         if self.model_cfg["arch"] not in ("llama", "gpt_neox"):

@@ -145,35 +145,31 @@ def exact_match(model: nn.Module, data: Dataset, collate, batch_size: int = 128,
     return torch.cat(out)
 
 
-def second_moment(model: nn.Module, optimizer_state: dict | None) -> dict[str, Tensor] | None:
-    """Adam's bias-corrected second moment v̂ per parameter name, from ``state_dict()``.
+def adam_state(model: nn.Module, optimizer_state: dict | None) -> dict | None:
+    """Adam's final state by parameter name: ``{step, betas, eps, exp_avg_sq: {name: v}}``.
 
-    Assumes the optimizer was built on ``model.parameters()`` in their natural order (as
-    :class:`LMModule` does).
+    ``exp_avg_sq`` is the raw (not bias-corrected) second moment. Assumes the optimizer was
+    built on ``model.parameters()`` in their natural order (as :class:`LMModule` does).
     """
     if not optimizer_state or not optimizer_state.get("state"):
         return None
     group = optimizer_state["param_groups"][0]
-    beta2 = group["betas"][1]
     names = [n for n, _ in model.named_parameters()]
-    out = {}
+    v, step = {}, 0.0
     for index, name in zip(group["params"], names, strict=True):
         state = optimizer_state["state"].get(index)
-        if state is None:
-            continue
-        step = float(state["step"])
-        out[name] = state["exp_avg_sq"].detach() / (1 - beta2 ** step)
-    return out
+        if state is not None:
+            v[name] = state["exp_avg_sq"].detach()
+            step = float(state["step"])
+    return {"step": step, "betas": tuple(group["betas"]), "eps": float(group["eps"]),
+            "exp_avg_sq": v}
 
 
-def tail_patch_spec(model: nn.Module, checkpoints: list[Checkpoint], lr: float | None,
-                    eps: float = 1e-8) -> dict:
-    """What ``bench.fact_metrics`` needs for tail-patch: lr, v̂, eps and the step loss."""
+def tail_patch_spec(model: nn.Module, checkpoints: list[Checkpoint], lr: float | None) -> dict:
+    """What ``bench.fact_metrics`` needs for tail-patch: lr, the final Adam state (or None:
+    a plain gradient step) and the step loss."""
     opt = checkpoints[-1].optimizer_state if checkpoints else None
-    if opt and opt.get("param_groups"):
-        eps = float(opt["param_groups"][0].get("eps", eps))
-    return {"lr": lr, "second_moment": second_moment(model, opt), "eps": eps,
-            "step_loss": step_loss}
+    return {"lr": lr, "adam": adam_state(model, opt), "step_loss": step_loss}
 
 
 def lm_problem(model: nn.Module, checkpoints: list[Checkpoint], train: TokenDataset,

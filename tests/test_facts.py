@@ -99,14 +99,13 @@ def test_ranking_metrics_closed_form():
 
 
 def test_tail_patch_matches_first_order_prediction(tiny_facts):
-    """For a small lr, f(θ + Δθ_d) − f(θ) ≈ ∇f · Δθ_d with Δθ_d = −lr ∇ℓ_d / (√v̂ + ε)."""
+    """For a small lr, f(θ + Δθ_d) − f(θ) ≈ ∇f · Δθ_d for the Adam step Δθ_d on d."""
     task, problem = tiny_facts
     model = task.build_model(0).double()
     model.load_state_dict({k: v.double() for k, v in problem.model.state_dict().items()})
     p64 = task.problem(model, problem.checkpoints)
     spec = {**p64.extra["tail_patch"], "lr": 1e-5}
-    assert spec["second_moment"] and set(spec["second_moment"]) == {
-        n for n, _ in model.named_parameters()}
+    assert set(spec["adam"]["exp_avg_sq"]) == {n for n, _ in model.named_parameters()}
     patcher = TailPatcher(p64, spec)
     doc, query = 5, 2
     update = patcher.step(doc)
@@ -119,6 +118,39 @@ def test_tail_patch_matches_first_order_prediction(tiny_facts):
     # the parameters are restored after the step
     assert torch.equal(p64.query_measure(model, batch).detach().double(),
                        patcher.base[[query]])
+
+
+def test_tail_patch_step_is_torch_adam_step_with_zeroed_first_moment(tiny_facts):
+    task, problem = tiny_facts
+    spec = problem.extra["tail_patch"]
+    adam = spec["adam"]
+    assert adam["step"] == problem.checkpoints[-1].step and adam["betas"] == (0.9, 0.98)
+    patcher = TailPatcher(problem, spec)
+    doc = 3
+    update = patcher.step(doc)
+    model = problem.model
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=spec["lr"], betas=adam["betas"],
+                                 eps=adam["eps"])
+    for name, p in params.items():
+        optimizer.state[p] = {"step": torch.tensor(adam["step"]),
+                              "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": adam["exp_avg_sq"][name].clone()}
+    batch = problem.collate_fn([problem.train[doc]])
+    model.zero_grad()
+    spec["step_loss"](model, batch).backward()
+    optimizer.step()
+    try:
+        for name, p in params.items():
+            delta = p.detach() - before[name]
+            expected = update.get(name, torch.zeros_like(delta))
+            assert torch.allclose(delta, expected, rtol=1e-3, atol=1e-7), name
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(before[name])
+        model.zero_grad(set_to_none=True)
 
 
 def test_bm25_finds_the_documents_that_state_the_fact():
