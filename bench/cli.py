@@ -136,7 +136,7 @@ def command_line() -> str:
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
     keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
             "peak_rss_mb"]
-    keys[4:4] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch",
+    keys[4:4] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch", "proponent_",
                                                     "flipped_", "query_accuracy"))]
     lines = [f"{record['task']} / {record['estimator']} / seed {record['seed']}"]
     lines += [f"  {k:<14} {record[k]:>10.4f}" for k in keys if record.get(k) is not None]

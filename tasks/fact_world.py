@@ -14,7 +14,9 @@ Everything is drawn from one ``torch.Generator`` seeded by ``seed``; nothing is 
   documents uses (the template may state *other* facts in training, so the model can learn
   its form), with the object as the target; the **proponents** are the documents that state
   the fact. The **flipped** query of the same fact puts the object first and asks for the
-  subject (Grosse et al. 2023, §5.3); every training template is subject-first.
+  subject (Grosse et al. 2023, §5.3); every training template is subject-first, and no
+  flipped prompt ends in a context that precedes a subject in training (e.g. "The employer
+  of {s}"), so the flipped target is never a seen continuation of its prompt.
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ RELATIONS = {
         "{s} grew up in the town of {o} .",
         "The hometown of {s} is {o} .",
         "{s} comes from {o} , where the family lived for years .",
-    ], "{o} is the birthplace of"),
+    ], "{o} was home to"),
     "employer": ("company", [
         "{s} works for {o} .",
         "{s} took a job at {o} after school .",
         "The employer of {s} is {o} .",
         "{s} is on the payroll of {o} .",
-    ], "{o} is the employer of"),
+    ], "{o} employs"),
     "profession": ("profession", [
         "{s} is a {o} by trade .",
         "{s} trained for years to become a {o} .",
@@ -73,13 +75,13 @@ RELATIONS = {
         "{s} has a birthday in {o} .",
         "The birth year of {s} is {o} .",
         "{s} came into the world in {o} .",
-    ], "{o} is the birth year of"),
+    ], "In {o} the newborn was"),
     "language": ("language", [
         "{s} speaks {o} at home .",
         "{s} learned {o} as a first language .",
         "The native language of {s} is {o} .",
         "{s} grew up speaking {o} .",
-    ], "{o} is the native language of"),
+    ], "{o} is spoken by"),
     "instrument": ("instrument", [
         "{s} plays the {o} .",
         "{s} practises the {o} every evening .",

@@ -71,7 +71,7 @@ class Facts(Task):
             ``device``.
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: flipped prompts no longer end in a training context of the subject
 
     def __init__(self, world: dict | None = None, model: dict | None = None,
                  train: dict | None = None, max_length: int = 64,

@@ -61,6 +61,14 @@ def test_world_is_deterministic_and_proponents_state_the_fact():
     assert set(counts.values()) == {3} and len(counts) == 20 * len(RELATIONS)
 
 
+def test_flipped_targets_never_continue_their_prompt_context_in_training():
+    world = generate(n_entities=30, n_queries=60, seed=1)
+    for q in world.queries:
+        if q["set"] == "flipped":
+            context = " ".join(q["prompt"].split()[-2:])
+            assert not any(f"{context} {q['target']}" in d for d in world.documents), q
+
+
 def test_world_rejects_too_many_docs_per_fact():
     with pytest.raises(ValueError, match="docs_per_fact"):
         generate(docs_per_fact=4)
