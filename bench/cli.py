@@ -142,6 +142,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            f" expected {(problem.n_queries, problem.n_train)}")
 
     metrics, per_query = evaluate(scores, truths)
+    if "proponents" in problem.extra:  # fact tracing: the proponents are the ground truth
+        from bench.fact_metrics import fact_tracing
+        facts, facts_per_query = fact_tracing(problem, scores, **cfg.get("fact_metrics", {}))
+        metrics.update(facts)
+        per_query.update(facts_per_query)
+    metrics.update(problem.extra.get("metrics", {}))  # task-reported, e.g. query_accuracy
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
                    peak_rss_mb=peak_rss_mb())
     ceiling = lds_ceiling(truths["lds"]["values"]) if "lds" in truths else None
@@ -175,6 +181,8 @@ def command_line() -> str:
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
     keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
             "peak_rss_mb"]
+    keys[4:4] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch", "proponent_",
+                                                    "flipped_", "query_accuracy"))]
     lines = [f"{record['task']} / {record['estimator']} / seed {record['seed']}"]
     lines += [f"  {k:<14} {record[k]:>10.4f}" for k in keys if record.get(k) is not None]
     lines.append(f"  records in {out_dir}")

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from estimators import candidates as lexical
 from estimators.gradients import GradientEngine, LayerGrads, dot
 from estimators.problem import AttributionProblem
 
@@ -55,10 +56,14 @@ class GradientEstimator(Estimator):
         chunk_size: training examples per gradient chunk; bounds scoring memory.
         per_layer: also keep layer-wise scores ``[n_layers, n_queries, n_train]`` in
             ``self.layer_scores`` (they sum exactly to the total).
+        candidates: ``{retriever: tfidf|bm25, k}``: score each query only against its top-k
+            lexical candidates (the rest NaN; :mod:`estimators.candidates`), or None.
     """
 
-    def __init__(self, modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
+    def __init__(self, modules: str | None = None, chunk_size: int = 256, per_layer: bool = False,
+                 candidates: dict | None = None):
         check_positive("chunk_size", chunk_size)
+        self.candidates = lexical.check_candidates(candidates)
         self.modules = modules
         self.chunk_size = int(chunk_size)
         self.per_layer = bool(per_layer)
@@ -100,10 +105,17 @@ class GradientEstimator(Estimator):
         pre = {n: g.to(torch.float32) for n, g in pre.items()}
         shape = (len(engine.layers), problem.n_queries, problem.n_train)
         scores = torch.zeros(shape if self.per_layer else shape[1:])
-        for idx, grads in engine.stream(problem, "train", self.chunk_size, "scoring"):
+        columns, train_problem, mask = torch.arange(problem.n_train), problem, None
+        if self.candidates:  # gradients only for the union of the queries' candidates
+            mask = lexical.candidate_mask(problem, **self.candidates)
+            columns = mask.any(0).nonzero().flatten()
+            train_problem = lexical.restricted(problem, columns)
+        for idx, grads in engine.stream(train_problem, "train", self.chunk_size, "scoring"):
             grads = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}
-            scores[..., idx] = -dot(pre, grads, per_layer=self.per_layer).cpu()
+            scores[..., columns[idx]] = -dot(pre, grads, per_layer=self.per_layer).cpu()
             del grads  # one chunk alive at a time
+        if mask is not None:
+            scores = lexical.fill_unscored(scores, mask)
         if self.per_layer:
             self.layer_scores = scores
             return scores.sum(0)
