@@ -1,0 +1,197 @@
+"""Seeded random projections of per-example gradients, shared by every gradient estimator.
+
+A projection R ``[P, d]`` with i.i.d. entries of mean 0 and variance 1/d preserves inner
+products in expectation, E[(Rᵀx)·(Rᵀy)] = x·y, with relative error O(1/√d)
+(Johnson-Lindenstrauss; used by TRAK, Park et al. 2023, §3.2, and TrackStar, Chang et al.
+2024). Entries are Rademacher (±1/√d) or Gaussian (N(0, 1/d)).
+
+The matrix is never held whole: each layer gets its own share ``d_l`` of the budget ``d``
+(proportional to its parameter count) and its own seed, and is applied in one of two forms:
+
+* **kronecker** (LoGra, Choe et al. 2024): a layer's per-example gradient is
+  ``G = Σ_t g_t ā_tᵀ`` (output gradient ⊗ input), so (R_o ⊗ R_a)ᵀ vec(G) = Σ_t (R_oᵀ g_t)
+  (R_aᵀ ā_t)ᵀ, shape ``[d_o, d_a]`` with d_o·d_a ≈ d_l, computed from the engine's
+  :meth:`~estimators.gradients.GradientEngine.capture` without ever forming G. Valid when
+  the estimator applies no element-wise correction to G.
+* **dense**: the per-example gradient ``[B, o·i]`` times R_l ``[o·i, d_l]``, the rows of
+  R_l generated block by block (``block_rows`` at a time, each block from its own seed), so
+  memory is O(block_rows × d_l) and the numbers do not depend on the block size of the
+  caller. For estimators that rescale G element-wise first (TrackStar's optimizer
+  correction).
+
+Projected gradients keep the engine's layout ``{layer: [B, d_o, d_a]}`` (``[B, 1, d_l]`` for
+dense), so :func:`~estimators.gradients.dot`, ``squared_norm`` and ``scale`` apply unchanged.
+A given (seed, kind, d, model layout) gives identical numbers on every run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from estimators.gradients import GradientEngine, LayerGrads
+from estimators.problem import Batch
+
+KINDS = ("rademacher", "gaussian")
+STRUCTURES = ("kronecker", "dense")
+
+
+def random_matrix(rows: int, cols: int, kind: str, seed: int, dtype=torch.float32) -> Tensor:
+    """``[rows, cols]`` entries with mean 0 and variance 1/cols, from a seeded generator."""
+    gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))
+    if kind == "rademacher":
+        signs = torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.int8)
+        return (signs.to(dtype) * 2 - 1) / math.sqrt(cols)
+    if kind == "gaussian":
+        return torch.randn(rows, cols, generator=gen, dtype=dtype) / math.sqrt(cols)
+    raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
+
+
+def dense_project(x: Tensor, dim: int, kind: str, seed: int, block_rows: int = 4096) -> Tensor:
+    """``x [B, n] -> [B, dim]``: x @ R with R ``[n, dim]`` generated ``block_rows`` rows at a
+    time (row block k from seed ``seed·1_000_003 + k``), never whole."""
+    out = torch.zeros(x.shape[0], dim, dtype=torch.float32, device=x.device)
+    for k, start in enumerate(range(0, x.shape[1], block_rows)):
+        stop = min(start + block_rows, x.shape[1])
+        block = random_matrix(stop - start, dim, kind, seed * 1_000_003 + k).to(x.device)
+        out += x[:, start:stop].to(torch.float32) @ block
+    return out
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer ``[o, i]`` is projected: to ``[d_o, d_a]`` (kronecker) or ``[1, d]``."""
+
+    name: str
+    o: int
+    i: int
+    d_o: int
+    d_a: int
+    seed: int
+
+    @property
+    def dim(self) -> int:
+        return self.d_o * self.d_a
+
+
+def _factor(budget: int, o: int, i: int) -> tuple[int, int]:
+    """``(d_o, d_a)`` with d_o·d_a ≤ budget, d_o ≤ o, d_a ≤ i, minimising the Kronecker
+    projection's relative variance ≈ 1/d_o + 1/d_a (a side kept whole adds nothing)."""
+    best = None
+    for d_o in range(1, o + 1):
+        d_a = min(i, max(1, budget // d_o))
+        err = (0.0 if d_o == o else 1.0 / d_o) + (0.0 if d_a == i else 1.0 / d_a)
+        if best is None or (err, -d_o * d_a) < best[0]:
+            best = ((err, -d_o * d_a), d_o, d_a)
+    return best[1], best[2]
+
+
+class Projector:
+    """A seeded random projection of a model's tracked-layer gradients to ≈ ``dim`` numbers.
+
+    Args:
+        engine: the gradient engine whose layers are projected.
+        dim: total projected dimension d (split across layers by parameter count).
+        kind: ``rademacher`` or ``gaussian``.
+        seed: the projection's seed.
+        structure: ``kronecker`` (from captured inputs and output gradients) or ``dense``
+            (from materialised per-example gradients).
+        block_rows: rows of a dense projection generated at a time.
+    """
+
+    def __init__(self, engine: GradientEngine, dim: int, kind: str = "rademacher", seed: int = 0,
+                 structure: str = "kronecker", block_rows: int = 4096):
+        if int(dim) <= 0:
+            raise ValueError(f"projection_dim must be a positive integer or null, got {dim!r}")
+        if kind not in KINDS:
+            raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"projection structure must be one of {STRUCTURES}, got "
+                             f"{structure!r}")
+        self.engine, self.kind, self.seed = engine, kind, int(seed)
+        self.structure, self.block_rows = structure, int(block_rows)
+        sizes = [o * i for o, i in (layer.shape for layer in engine.layers)]
+        self.plans: list[LayerPlan] = []
+        for n, (layer, size) in enumerate(zip(engine.layers, sizes, strict=True)):
+            o, i = layer.shape
+            budget = max(1, round(int(dim) * size / sum(sizes)))
+            d_o, d_a = _factor(budget, o, i) if structure == "kronecker" else (1, min(budget, size))
+            self.plans.append(LayerPlan(layer.name, o, i, d_o, d_a, self.seed * 7919 + n))
+        self._factors: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+
+    @property
+    def dim(self) -> int:
+        """The actual projected dimension (the sum of the layers' shares)."""
+        return sum(p.dim for p in self.plans)
+
+    def describe(self) -> dict:
+        """What determines the projection's numbers (for cache keys)."""
+        return {"kind": self.kind, "seed": self.seed, "structure": self.structure,
+                "block_rows": self.block_rows,
+                "layers": [(p.name, p.o, p.i, p.d_o, p.d_a) for p in self.plans]}
+
+    def _kron_factors(self, plan: LayerPlan, device) -> tuple[Tensor | None, Tensor | None]:
+        """R_o ``[o, d_o]`` and R_a ``[i, d_a]``; None where a side keeps its full size."""
+        if plan.name not in self._factors:
+            r_o = None if plan.d_o == plan.o else random_matrix(plan.o, plan.d_o, self.kind,
+                                                                plan.seed * 2)
+            r_a = None if plan.d_a == plan.i else random_matrix(plan.i, plan.d_a, self.kind,
+                                                                plan.seed * 2 + 1)
+            self._factors[plan.name] = (r_o, r_a)
+        r_o, r_a = self._factors[plan.name]
+        return (None if r_o is None else r_o.to(device)), (None if r_a is None else r_a.to(device))
+
+    def project(self, fn: Callable, batch: Batch,
+                correct: Callable[[LayerGrads], LayerGrads] | None = None) -> LayerGrads:
+        """Projected per-example gradients ``{layer: [B, d_o, d_a]}`` of ``fn(model, batch)``.
+
+        Args:
+            correct: an element-wise map of the full gradients ``{layer: [B, o, i]}`` applied
+                before projecting; only with ``structure="dense"``.
+        """
+        if self.structure == "dense":
+            grads = self.engine.gradients(fn, batch)
+            return self.project_gradients(correct(grads) if correct else grads)
+        if correct is not None:
+            raise ValueError("an element-wise gradient correction needs the dense projection; "
+                             "use projection structure 'dense'.")
+        out = {}
+        for plan, (name, (a, g)) in zip(self.plans, self.engine.capture(fn, batch).items(),
+                                        strict=True):
+            r_o, r_a = self._kron_factors(plan, a.device)
+            a = a.to(torch.float32) if r_a is None else a.to(torch.float32) @ r_a
+            g = g.to(torch.float32) if r_o is None else g.to(torch.float32) @ r_o
+            out[name] = torch.einsum("bto,bti->boi", g, a)
+            if not torch.isfinite(out[name]).all():
+                raise FloatingPointError(
+                    f"Non-finite projected gradient in layer '{name}': check the inputs, lower "
+                    "the training learning rate, or train in float64.")
+        return out
+
+    def project_gradients(self, grads: LayerGrads) -> LayerGrads:
+        """Dense projection of materialised gradients ``{layer: [B, o, i]} -> [B, 1, d_l]``."""
+        out = {}
+        for plan in self.plans:
+            g = grads[plan.name].flatten(1)
+            if plan.dim == g.shape[1]:
+                out[plan.name] = g.to(torch.float32)[:, None, :]
+            else:
+                out[plan.name] = dense_project(g, plan.dim, self.kind, plan.seed,
+                                               self.block_rows)[:, None, :]
+        return out
+
+    def flatten(self, projected: LayerGrads) -> Tensor:
+        """``{layer: [B, d_o, d_a]} -> [B, dim]``."""
+        return torch.cat([projected[p.name].flatten(1) for p in self.plans], dim=1)
+
+    def unflatten(self, flat: Tensor) -> LayerGrads:
+        """``[B, dim] -> {layer: [B, d_o, d_a]}``."""
+        out, start = {}, 0
+        for p in self.plans:
+            out[p.name] = flat[:, start:start + p.dim].reshape(-1, p.d_o, p.d_a)
+            start += p.dim
+        return out
