@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import ground_truth as gt
 from bench.cache import hash_key, load_checked, save_atomic
 from bench.loggers import flatten
-from bench.metrics import evaluate
+from bench.metrics import evaluate, mislabel_metrics
 from bench.record import peak_rss_mb, provenance, write_records
 from estimators.problem import Checkpoint
 from tasks.base import Task
@@ -42,20 +42,22 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.task, resolve=True)
 
 
-def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
-    """The attributed model for ``cfg.seed``: from the cache, or trained and cached."""
+def trained_model(task: Task, cfg: DictConfig, cache_dir: Path, seed: int | None = None):
+    """The attributed model for ``seed`` (default ``cfg.seed``): from the cache, or trained
+    and cached."""
+    seed = cfg.seed if seed is None else int(seed)
     identity = {"task": cfg.task_name, "config": task_config(cfg), "version": task.VERSION,
-                "class": type(task).__qualname__, "seed": cfg.seed, "what": "model"}
+                "class": type(task).__qualname__, "seed": seed, "what": "model"}
     key = hash_key(identity)
     path = Path(cache_dir) / "models" / cfg.task_name / f"{key}.pt"
-    model = task.build_model(cfg.seed)
+    model = task.build_model(seed)
     payload = load_checked(path, key)
     if payload is None:
-        log.info("Training %s (seed %d)", cfg.task_name, cfg.seed)
-        checkpoints = task.fit(model, seed=cfg.seed, progress=cfg.progress)
+        log.info("Training %s (seed %d)", cfg.task_name, seed)
+        checkpoints = task.fit(model, seed=seed, progress=cfg.progress)
         save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path)
     else:
-        log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, cfg.seed, path)
+        log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, seed, path)
         checkpoints = [Checkpoint(**c) for c in payload["checkpoints"]]
     model.load_state_dict(checkpoints[-1].state_dict)
     return model, checkpoints
@@ -91,6 +93,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     truths = ground_truths(task, cfg, options)
     model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
     problem = task.problem(model, checkpoints).to(task.device)
+    # More models of the same task (TRAK's ensemble), trained once and cached like this one.
+    problem.extra.setdefault("train_model", lambda seed: trained_model(
+        task, cfg, Path(cfg.cache_dir), seed)[0].to(task.device))
     estimator = instantiate(cfg.estimator)
 
     start = time.perf_counter()
@@ -103,6 +108,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            f" expected {(problem.n_queries, problem.n_train)}")
 
     metrics, per_query = evaluate(scores, truths)
+    if "flipped" in problem.extra:  # a mislabel-detection task
+        metrics.update(mislabel(estimator, problem, cfg.estimator_name))
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
                    peak_rss_mb=peak_rss_mb())
     record = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": int(cfg.seed),
@@ -118,6 +125,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def mislabel(estimator, problem, name: str) -> dict[str, float]:
+    """Mislabel-detection metrics from the estimator's self-influence (none if it has none)."""
+    start = time.perf_counter()
+    try:
+        values = estimator.self_influence(problem)
+    except NotImplementedError as err:
+        log.warning("%s; no mislabel metrics for %s.", err, name)
+        return {}
+    return {**mislabel_metrics(values.detach().float().cpu(), problem.extra["flipped"]),
+            "self_influence_seconds": time.perf_counter() - start}
+
+
 def command_line() -> str:
     """The ``tda-bench`` command that reproduces this job (its overrides)."""
     try:
@@ -128,7 +147,8 @@ def command_line() -> str:
 
 
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
-    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
+    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "mislabel_auc",
+            "mislabel_recall@10pct", "mislabel_recall@20pct", "fit_seconds", "score_seconds",
             "peak_rss_mb"]
     lines = [f"{record['task']} / {record['estimator']} / seed {record['seed']}"]
     lines += [f"  {k:<14} {record[k]:>10.4f}" for k in keys if record.get(k) is not None]
