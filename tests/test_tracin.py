@@ -160,3 +160,23 @@ def test_projected_grad_dot_tracks_exact(mlp_with_checkpoints):
         projected = GradDot(projection_dim=400, projection_structure=structure).score(problem)
         rho = sum(spearmanr(projected[q], exact[q])[0] for q in range(problem.n_queries)) / 5
         assert rho > 0.8, structure
+
+
+@pytest.mark.slow
+def test_projected_grad_dot_at_2048_on_digits_mlp():
+    """The issue's check: projected grad_dot at d = 2048 vs exact on the full digits_mlp.
+
+    Measured (seed 0): dense Rademacher mean per-query Spearman 0.961, Kronecker 0.81 (a
+    Kronecker projection of rank-one gradients is a product of two small JL estimates)."""
+    from scipy.stats import spearmanr
+
+    from tasks.digits_mlp import DigitsMLP
+
+    task = DigitsMLP(n_train=1000, n_queries=100, epochs=20, l2=1e-4,
+                     optim={"lr": 0.05, "momentum": 0.9})
+    model = task.build_model(0)
+    problem = task.problem(model, task.fit(model, seed=0))
+    exact = GradDot().score(problem)
+    projected = GradDot(projection_dim=2048, projection_structure="dense").score(problem)
+    rho = [spearmanr(projected[q], exact[q])[0] for q in range(problem.n_queries)]
+    assert sum(rho) / len(rho) >= 0.95
