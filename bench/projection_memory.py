@@ -26,6 +26,11 @@ from pathlib import Path
 
 WIDTHS = (256, 1024, 1024, 10)
 N_QUERIES = 8
+NOTE = (
+    "\nKronecker never forms a per-example gradient (working memory: chunk × activations and "
+    "projected factors); dense forms one layer's per-example gradients at a time, O(chunk × "
+    "largest layer). Neither grows with n_train: only the [n_queries, n_train] score matrix "
+    "does. Seconds are wall-clock on the machine that ran it and vary with its load.\n")
 
 
 def current_rss_mb() -> float:
@@ -150,7 +155,7 @@ def main() -> None:
         f"`grad_dot`, no index). Model: MLP {'-'.join(map(str, WIDTHS))}, "
         f"{rows[0]['params']:,} tracked parameters; {N_QUERIES} queries. "
         f"Machine: {platform.machine()}, Python {platform.python_version()}.\n\n"
-        + table(rows) + "\n")
+        + table(rows) + "\n" + NOTE)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
