@@ -100,6 +100,9 @@ class GradientEstimator(Estimator):
             raise ValueError(f"projection_structure must be one of {STRUCTURES}, got "
                              f"{projection_structure!r}")
         self.projection_structure = projection_structure
+        if self.per_layer and self.projection_dim is not None and projection_structure == "dense":
+            raise ValueError("a dense projection mixes layers, so per_layer scores need "
+                             "projection_structure=kronecker (or no projection).")
         self.layer_scores: Tensor | None = None
         if self.projection_dim is not None:  # validates kind early, on construction
             if projection_kind not in KINDS:
@@ -192,7 +195,7 @@ class GradientEstimator(Estimator):
         query_grads = self.query_gradients(problem, engine, projector)
         pre = self.precondition(problem, engine, query_grads)
         pre = {n: g.to(torch.float32) for n, g in pre.items()}
-        shape = (len(engine.layers), problem.n_queries, problem.n_train)
+        shape = (len(pre), problem.n_queries, problem.n_train)
         scores = torch.zeros(shape if self.per_layer else shape[1:])
         for idx, grads in self.training_gradients(problem, engine, projector):
             grads = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}

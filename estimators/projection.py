@@ -5,22 +5,24 @@ products in expectation, E[(Rᵀx)·(Rᵀy)] = x·y, with relative error O(1/√
 (Johnson-Lindenstrauss; used by TRAK, Park et al. 2023, §3.2, and TrackStar, Chang et al.
 2024). Entries are Rademacher (±1/√d) or Gaussian (N(0, 1/d)).
 
-The matrix is never held whole: each layer gets its own share ``d_l`` of the budget ``d``
-(proportional to its parameter count) and its own seed, and is applied in one of two forms:
+The matrix is never held whole. It is applied in one of two forms:
 
-* **kronecker** (LoGra, Choe et al. 2024): a layer's per-example gradient is
+* **kronecker** (LoGra, Choe et al. 2024): each layer gets its own share ``d_l`` of the budget
+  ``d`` (proportional to its parameter count) and its own seed. A layer's per-example gradient is
   ``G = Σ_t g_t ā_tᵀ`` (output gradient ⊗ input), so (R_o ⊗ R_a)ᵀ vec(G) = Σ_t (R_oᵀ g_t)
   (R_aᵀ ā_t)ᵀ, shape ``[d_o, d_a]`` with d_o·d_a ≈ d_l, computed from the engine's
   :meth:`~estimators.gradients.GradientEngine.capture` without ever forming G. Valid when
   the estimator applies no element-wise correction to G.
-* **dense**: the per-example gradient ``[B, o·i]`` times R_l ``[o·i, d_l]``, the rows of
-  R_l generated block by block (``block_rows`` at a time, each block from its own seed), so
-  memory is O(block_rows × d_l) and the numbers do not depend on the block size of the
-  caller. For estimators that rescale G element-wise first (TrackStar's optimizer
-  correction).
+* **dense**: one R ``[P, d]`` over all tracked parameters; x R = Σ_l x_l R_l is computed one
+  layer at a time from that layer's per-example gradients ``[B, o·i]``, the rows of R_l
+  generated block by block (``block_rows`` at a time, each block from its own seed), so
+  memory is O(B × largest layer + block_rows × d) and the numbers do not depend on the
+  caller's chunking. For estimators that rescale G element-wise first (TrackStar's optimizer
+  correction), and wherever accuracy per dimension matters.
 
-Projected gradients keep the engine's layout ``{layer: [B, d_o, d_a]}`` (``[B, 1, d_l]`` for
-dense), so :func:`~estimators.gradients.dot`, ``squared_norm`` and ``scale`` apply unchanged.
+Projected gradients keep the engine's layout ``{layer: [B, d_o, d_a]}`` (one entry
+``{"projected": [B, 1, d]}`` for dense), so :func:`~estimators.gradients.dot`,
+``squared_norm`` and ``scale`` apply unchanged.
 A given (seed, kind, d, model layout) gives identical numbers on every run.
 """
 
@@ -98,16 +100,21 @@ def _factor(budget: int, o: int, i: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+DENSE = "projected"  # the single key of a dense projection's output
+
+
 class Projector:
     """A seeded random projection of a model's tracked-layer gradients to ≈ ``dim`` numbers.
 
     Args:
         engine: the gradient engine whose layers are projected.
-        dim: total projected dimension d (split across layers by parameter count).
+        dim: projected dimension d (Kronecker: split across layers by parameter count).
         kind: ``rademacher`` or ``gaussian``.
         seed: the projection's seed.
-        structure: ``kronecker`` (from captured inputs and output gradients) or ``dense``
-            (from materialised per-example gradients).
+        structure: ``kronecker`` (per layer, from captured inputs and output gradients; output
+            ``{layer: [B, d_o, d_a]}``) or ``dense`` (one [P, d] matrix over all tracked
+            parameters, applied layer by layer to materialised gradients, its rows generated
+            in blocks; output ``{"projected": [B, 1, d]}``, identity when d ≥ P).
         block_rows: rows of a dense projection generated at a time.
     """
 
@@ -123,17 +130,23 @@ class Projector:
         self.engine, self.kind, self.seed = engine, kind, int(seed)
         self.structure, self.block_rows = structure, int(block_rows)
         sizes = [o * i for o, i in (layer.shape for layer in engine.layers)]
-        self.plans: list[LayerPlan] = []
-        for n, (layer, size) in enumerate(zip(engine.layers, sizes, strict=True)):
-            o, i = layer.shape
-            budget = max(1, round(int(dim) * size / sum(sizes)))
-            d_o, d_a = _factor(budget, o, i) if structure == "kronecker" else (1, min(budget, size))
-            self.plans.append(LayerPlan(layer.name, o, i, d_o, d_a, self.seed * 7919 + n))
+        self.layer_seeds = [self.seed * 7919 + n for n in range(len(sizes))]
+        self.identity = structure == "dense" and int(dim) >= sum(sizes)
+        if structure == "dense":
+            self.plans = [LayerPlan(DENSE, 1, sum(sizes), 1, min(int(dim), sum(sizes)),
+                                    self.seed)]
+        else:
+            self.plans = []
+            for layer, size, layer_seed in zip(engine.layers, sizes, self.layer_seeds,
+                                               strict=True):
+                o, i = layer.shape
+                d_o, d_a = _factor(max(1, round(int(dim) * size / sum(sizes))), o, i)
+                self.plans.append(LayerPlan(layer.name, o, i, d_o, d_a, layer_seed))
         self._factors: dict[str, tuple[Tensor | None, Tensor | None]] = {}
 
     @property
     def dim(self) -> int:
-        """The actual projected dimension (the sum of the layers' shares)."""
+        """The actual projected dimension (Kronecker: the sum of the layers' shares)."""
         return sum(p.dim for p in self.plans)
 
     def describe(self) -> dict:
@@ -155,46 +168,52 @@ class Projector:
 
     def project(self, fn: Callable, batch: Batch,
                 correct: Callable[[LayerGrads], LayerGrads] | None = None) -> LayerGrads:
-        """Projected per-example gradients ``{layer: [B, d_o, d_a]}`` of ``fn(model, batch)``.
+        """Projected per-example gradients of ``fn(model, batch)`` (layout: see class).
 
         Args:
             correct: an element-wise map of full gradients ``{layer: [B, o, i]}`` applied
                 before projecting, called one layer at a time (so that only one layer's
                 per-example gradients are in memory); only with ``structure="dense"``.
         """
+        captured = self.engine.capture(fn, batch)
         if self.structure == "dense":  # one layer's per-example gradients at a time
-            out = {}
-            for plan, (name, (a, g)) in zip(self.plans, self.engine.capture(fn, batch).items(),
-                                            strict=True):
+            parts = []
+            for n, (name, (a, g)) in enumerate(captured.items()):
                 grad = {name: _finite(name, torch.einsum("bto,bti->boi", g, a))}
-                out.update(self.project_gradients(correct(grad) if correct else grad, [plan]))
+                parts.append(self._dense_part(n, (correct(grad) if correct else grad)[name]))
                 del grad
-            return out
+            return self._dense_total(parts)
         if correct is not None:
             raise ValueError("an element-wise gradient correction needs the dense projection; "
                              "use projection structure 'dense'.")
         out = {}
-        for plan, (name, (a, g)) in zip(self.plans, self.engine.capture(fn, batch).items(),
-                                        strict=True):
+        for plan, (name, (a, g)) in zip(self.plans, captured.items(), strict=True):
             r_o, r_a = self._kron_factors(plan, a.device)
             a = a.to(torch.float32) if r_a is None else a.to(torch.float32) @ r_a
             g = g.to(torch.float32) if r_o is None else g.to(torch.float32) @ r_o
             out[name] = _finite(name, torch.einsum("bto,bti->boi", g, a))
         return out
 
-    def project_gradients(self, grads: LayerGrads,
-                          plans: list[LayerPlan] | None = None) -> LayerGrads:
-        """Dense projection of materialised gradients ``{layer: [B, o, i]} -> [B, 1, d_l]``
-        (of the layers of ``plans``, default all)."""
-        out = {}
-        for plan in plans or self.plans:
-            g = grads[plan.name].flatten(1)
-            if plan.dim == g.shape[1]:
-                out[plan.name] = g.to(torch.float32)[:, None, :]
-            else:
-                out[plan.name] = dense_project(g, plan.dim, self.kind, plan.seed,
-                                               self.block_rows)[:, None, :]
-        return out
+    def _dense_part(self, n: int, grad: Tensor) -> Tensor:
+        """Layer ``n``'s gradients ``[B, o, i]`` times its rows of R: ``[B, d]``."""
+        x = grad.flatten(1).to(torch.float32)
+        if self.identity:
+            return x
+        return dense_project(x, self.plans[0].dim, self.kind, self.layer_seeds[n],
+                             self.block_rows)
+
+    def _dense_total(self, parts: list[Tensor]) -> LayerGrads:
+        total = torch.cat(parts, dim=1) if self.identity else sum(parts)
+        return {DENSE: total[:, None, :]}
+
+    def project_gradients(self, grads: LayerGrads) -> LayerGrads:
+        """Dense projection of materialised gradients ``{layer: [B, o, i]} -> {"projected":
+        [B, 1, d]}`` (for estimators that correct gradients first, e.g. TrackStar)."""
+        if self.structure != "dense":
+            raise ValueError("project_gradients needs projection structure 'dense'.")
+        names = [layer.name for layer in self.engine.layers]
+        return self._dense_total([self._dense_part(n, grads[name])
+                                  for n, name in enumerate(names)])
 
     def flatten(self, projected: LayerGrads) -> Tensor:
         """``{layer: [B, d_o, d_a]} -> [B, dim]``."""

@@ -128,7 +128,7 @@ class _Wide(nn.Module):
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_johnson_lindenstrauss_error_at_d512(structure, kind):
     """Projected inner products of random per-example gradients match the exact ones, with
-    the JL error of d = 512 (dense: ~1/√d relative to ‖x‖‖y‖; Kronecker: ~√(1/d_o + 1/d_a))."""
+    the JL error of d = 512 relative to ‖x‖‖y‖."""
     torch.manual_seed(0)
     model = _Wide()
     engine = GradientEngine(model)
@@ -143,12 +143,15 @@ def test_johnson_lindenstrauss_error_at_d512(structure, kind):
     gram, approx = exact @ exact.T, projected @ projected.T
     norms = exact.norm(dim=1)
     rel = (approx - gram).abs() / (norms[:, None] * norms[None, :])
-    bound = 1 / math.sqrt(512) if structure == "dense" else math.sqrt(
-        sum(1 / d for p in proj.plans for d in (p.d_o, p.d_a)) / len(proj.plans))
-    assert rel.mean().item() < 1.5 * bound
-    assert rel.mean().item() > 0.1 * bound  # it is a real projection, not the identity
-    # Norms are preserved on average (unbiased), the diagonal within a few JL errors.
-    assert (approx.diag() / gram.diag()).mean().item() == pytest.approx(1.0, abs=4 * bound)
+    # Dense: E|error| ≈ √(2/π)·√((‖x‖²‖y‖² + (x·y)²)/d) ≤ 1.13/√d. Kronecker multiplies two
+    # small JL estimates per layer, so it is allowed 3/√d (measured: ~0.05 vs dense ~0.035).
+    bound = (1.5 if structure == "dense" else 3.0) / math.sqrt(512)
+    assert rel.mean().item() < bound
+    assert rel.mean().item() > 0.1 / math.sqrt(512)  # a real projection, not the identity
+    # Squared norms are preserved on average (unbiased); Kronecker's per-layer factors are
+    # shared by all examples, so its average is noisier (measured 0.85-1.06 vs dense 1.00).
+    ratio = (approx.diag() / gram.diag()).mean().item()
+    assert ratio == pytest.approx(1.0, abs=0.05 if structure == "dense" else 0.25)
 
 
 def test_projected_grad_dot_tracks_exact(mlp_with_checkpoints):
