@@ -39,6 +39,8 @@ from estimators.gradients import GradientEngine, LayerGrads
 from estimators.problem import Batch
 
 KINDS = ("rademacher", "gaussian")
+# Bump whenever the numbers a given configuration produces change: it keys gradient indexes.
+VERSION = 2
 STRUCTURES = ("kronecker", "dense")
 
 
@@ -151,7 +153,8 @@ class Projector:
 
     def describe(self) -> dict:
         """What determines the projection's numbers (for cache keys)."""
-        return {"kind": self.kind, "seed": self.seed, "structure": self.structure,
+        return {"version": VERSION, "kind": self.kind, "seed": self.seed,
+                "structure": self.structure,
                 "block_rows": self.block_rows,
                 "layers": [(p.name, p.o, p.i, p.d_o, p.d_a) for p in self.plans]}
 
