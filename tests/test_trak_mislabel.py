@@ -141,3 +141,14 @@ def test_trak_run_with_ensemble(make_cfg):
     record = run(make_cfg("digits_mlp", "estimator=trak", "estimator.n_models=2",
                           "estimator.projection_dim=128"))
     assert np.isfinite(record["lds"])
+
+
+def test_index_key_follows_projection_code_version(tiny_mlp, tmp_path, monkeypatch):
+    import estimators.projection as projection
+
+    problem, _ = tiny_mlp
+    kwargs = dict(projection_dim=64, index_dir=str(tmp_path), chunk_size=32)
+    GradDot(**kwargs).score(problem)
+    monkeypatch.setattr(projection, "VERSION", projection.VERSION + 1)
+    GradDot(**kwargs).score(problem)
+    assert len(list(tmp_path.glob("*.npy"))) == 2  # a stale index is never reused
