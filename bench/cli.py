@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import ground_truth as gt
 from bench.cache import cache_lock, hash_key, load_checked, save_atomic
 from bench.loggers import flatten
-from bench.metrics import evaluate, lds_ceiling
+from bench.metrics import evaluate, lds_ceiling, mislabel_metrics
 from bench.record import (
     peak_rss_mb,
     provenance,
@@ -50,28 +50,32 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.task, resolve=True)
 
 
-def model_key(task: Task, cfg: DictConfig) -> str:
-    """The cache key of the attributed model (also the problem's ``key`` for factor caches)."""
+def model_key(task: Task, cfg: DictConfig, seed: int | None = None) -> str:
+    """The cache key of the attributed model for ``seed`` (default ``cfg.seed``); also the
+    problem's ``key`` for factor and gradient caches."""
+    seed = cfg.seed if seed is None else int(seed)
     identity = {"task": cfg.task_name, "config": task_config(cfg), "version": task.VERSION,
-                "class": type(task).__qualname__, "seed": cfg.seed, "what": "model"}
+                "class": type(task).__qualname__, "seed": seed, "what": "model"}
     return hash_key(identity)
 
 
-def trained_model(task: Task, cfg: DictConfig, cache_dir: Path):
-    """The attributed model for ``cfg.seed``: from the cache, or trained and cached."""
-    key = model_key(task, cfg)
+def trained_model(task: Task, cfg: DictConfig, cache_dir: Path, seed: int | None = None):
+    """The attributed model for ``seed`` (default ``cfg.seed``): from the cache, or trained
+    and cached."""
+    seed = cfg.seed if seed is None else int(seed)
+    key = model_key(task, cfg, seed)
     path = Path(cache_dir) / "models" / cfg.task_name / f"{key}.pt"
-    model = task.build_model(cfg.seed)
+    model = task.build_model(seed)
     payload = load_checked(path, key)
     if payload is None:
         with cache_lock(path):  # concurrent jobs of a sweep train each model once
             payload = load_checked(path, key)
             if payload is None:
-                log.info("Training %s (seed %d)", cfg.task_name, cfg.seed)
-                checkpoints = task.fit(model, seed=cfg.seed, progress=cfg.progress)
+                log.info("Training %s (seed %d)", cfg.task_name, seed)
+                checkpoints = task.fit(model, seed=seed, progress=cfg.progress)
                 save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path)
     if payload is not None:
-        log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, cfg.seed, path)
+        log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, seed, path)
         checkpoints = [Checkpoint(**c) for c in payload["checkpoints"]]
     model.load_state_dict(checkpoints[-1].state_dict)
     return model, checkpoints
@@ -127,6 +131,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
     problem = task.problem(model, checkpoints).to(task.device)
     problem.key = problem.key or model_key(task, cfg)
+    # More models of the same task (TRAK's ensemble), trained once and cached like this one.
+    problem.extra.setdefault("train_model", lambda seed: trained_model(
+        task, cfg, Path(cfg.cache_dir), seed)[0].to(task.device))
     estimator = instantiate(cfg.estimator)
     if cfg.get("memory_budget_mb") and isinstance(estimator, GradientEstimator):
         estimator.fit_chunk_to_budget(problem, float(cfg.memory_budget_mb))
@@ -148,6 +155,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(facts)
         per_query.update(facts_per_query)
     metrics.update(problem.extra.get("metrics", {}))  # task-reported, e.g. query_accuracy
+    if "flipped" in problem.extra:  # a mislabel-detection task
+        metrics.update(mislabel(estimator, problem, cfg.estimator_name))
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
                    peak_rss_mb=peak_rss_mb())
     ceiling = lds_ceiling(truths["lds"]["values"]) if "lds" in truths else None
@@ -169,6 +178,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def mislabel(estimator, problem, name: str) -> dict[str, float]:
+    """Mislabel-detection metrics from the estimator's self-influence (none if it has none)."""
+    start = time.perf_counter()
+    try:
+        values = estimator.self_influence(problem)
+    except NotImplementedError as err:
+        log.warning("%s; no mislabel metrics for %s.", err, name)
+        return {}
+    return {**mislabel_metrics(values.detach().float().cpu(), problem.extra["flipped"]),
+            "self_influence_seconds": time.perf_counter() - start}
+
+
 def command_line() -> str:
     """The ``tda-bench`` command that reproduces this job (its overrides)."""
     try:
@@ -179,7 +200,8 @@ def command_line() -> str:
 
 
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
-    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
+    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "mislabel_auc",
+            "mislabel_recall@10pct", "mislabel_recall@20pct", "fit_seconds", "score_seconds",
             "peak_rss_mb"]
     keys[4:4] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch", "proponent_",
                                                     "flipped_", "query_accuracy"))]

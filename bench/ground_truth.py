@@ -116,6 +116,8 @@ def plan(task: Task, task_name: str, task_cfg: dict, kind: str) -> Plan:
         spec = {"n": 50, "seed": 0, **spec}
         meta = {"indices": torch.randperm(n, generator=gen)[: spec["n"]]}
         units = list(range(spec["n"]))
+    # Which intermediate checkpoints the attributed model records does not change retraining.
+    task_cfg = {k: v for k, v in task_cfg.items() if k != "checkpoints"}
     identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
                 "version": task.VERSION, "kind": kind, "spec": spec, "format": FORMAT}
     return Plan(task_name, kind, hash_key(identity), spec, units, meta)

@@ -109,3 +109,30 @@ def lds_ceiling(values: torch.Tensor) -> float | None:
     half = values.shape[1] // 2
     first, second = values[:, :half].double().mean(1), values[:, half:].double().mean(1)
     return mean_sem(_columnwise(first.numpy(), second.numpy(), "spearman"))[0]
+
+
+def mislabel_metrics(self_influence: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
+    """Mislabel detection by self-influence (Koh & Liang 2017 §5.4; Pruthi et al. 2020 §4).
+
+    Args:
+        self_influence: ``[n_train]``, higher = more suspicious.
+        flipped: ``[n_train]`` bool, the training examples whose label was flipped.
+
+    Returns:
+        ``mislabel_auc``: ROC AUC of the ranking with flipped examples positive (ties count
+        half); ``mislabel_recall@10pct`` / ``@20pct``: the fraction of flipped examples among
+        the top 10 % / 20 % of the ranking.
+    """
+    values = self_influence.double().cpu().numpy()
+    positive = flipped.bool().cpu().numpy()
+    n_pos, n = int(positive.sum()), len(values)
+    if n_pos in (0, n):
+        raise ValueError("mislabel metrics need both flipped and clean training examples.")
+    ranks = stats.rankdata(values)  # average ranks for ties
+    auc = (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+    order = np.argsort(-values, kind="stable")
+    out = {"mislabel_auc": float(auc)}
+    for pct in (10, 20):
+        top = order[: int(round(n * pct / 100))]
+        out[f"mislabel_recall@{pct}pct"] = float(positive[top].sum() / n_pos)
+    return out

@@ -9,18 +9,29 @@ EK-FAC, LiSSA, ...) and T is an optional per-example transform of training gradi
 normalisation for ``grad_cos``). Query gradients are preconditioned once; the training set is
 streamed through the shared :class:`~estimators.gradients.GradientEngine` in chunks of
 ``chunk_size`` examples, so memory is O(chunk_size × P), never O(n_train × P).
+
+With ``projection_dim`` set, every gradient is first randomly projected to about that many
+numbers (:mod:`estimators.projection`; Kronecker-structured unless the estimator corrects
+gradients element-wise), and with ``index_dir`` set the projected training gradients are
+stored once on disk and memory-mapped by later runs (:mod:`estimators.index`).
+
+Self-influence ∇L(z_m)ᵀ P ∇L(z_m) ``[n_train]`` (mislabel detection, Koh & Liang 2017 §5.4;
+Pruthi et al. 2020 §4) comes from the same P and T: :meth:`GradientEstimator.self_influence`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from estimators import candidates as lexical
 from estimators.gradients import GradientEngine, LayerGrads, dot
-from estimators.problem import AttributionProblem
+from estimators.index import GradientIndex, fingerprint, read_rows
+from estimators.problem import AttributionProblem, move_to
+from estimators.projection import KINDS, STRUCTURES, Projector
 
 GRADIENT_COPIES = 3  # [B, P] float32 buffers alive at once while a chunk is scored
 
@@ -39,6 +50,15 @@ class Estimator(ABC):
     def score(self, problem: AttributionProblem) -> Tensor:
         """Returns scores ``[n_queries, n_train]``; positive means up-weighting helps."""
 
+    def self_influence(self, problem: AttributionProblem) -> Tensor:
+        """Self-influence ∇L(z_m)ᵀ H⁻¹ ∇L(z_m) of every training example, ``[n_train]``.
+
+        High self-influence flags examples the model finds surprising (mislabelled ones).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot compute self-influence; use grad_dot, explicit, "
+            "tracin or trak for mislabel detection.")
+
 
 def check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     """Raises a readable error unless ``value`` > 0 (or None when allowed)."""
@@ -56,18 +76,44 @@ class GradientEstimator(Estimator):
         chunk_size: training examples per gradient chunk; bounds scoring memory.
         per_layer: also keep layer-wise scores ``[n_layers, n_queries, n_train]`` in
             ``self.layer_scores`` (they sum exactly to the total).
+        projection_dim: project every gradient to about this many numbers (None: exact).
+        projection_kind: ``rademacher`` or ``gaussian`` projection entries.
+        projection_seed: the projection's seed.
+        index_dir: with a projection, keep projected training gradients in this directory
+            and reuse them (None: recompute every time).
+        projection_structure: ``kronecker`` (per layer, from the factored gradient; cheap,
+            for estimators that apply no element-wise correction) or ``dense`` (per-example
+            gradients times a block-generated dense matrix; more accurate per dimension).
         candidates: ``{retriever: tfidf|bm25, k}``: score each query only against its top-k
             lexical candidates (the rest NaN; :mod:`estimators.candidates`), or None.
     """
 
     def __init__(self, modules: str | None = None, chunk_size: int = 256, per_layer: bool = False,
-                 candidates: dict | None = None):
+                 projection_dim: int | None = None, projection_kind: str = "rademacher",
+                 projection_seed: int = 0, index_dir: str | None = None,
+                 projection_structure: str = "kronecker", candidates: dict | None = None):
         check_positive("chunk_size", chunk_size)
         self.candidates = lexical.check_candidates(candidates)
+        check_positive("projection_dim", projection_dim, allow_none=True)
         self.modules = modules
         self.chunk_size = int(chunk_size)
         self.per_layer = bool(per_layer)
+        self.projection_dim = None if projection_dim is None else int(projection_dim)
+        self.projection_kind = projection_kind
+        self.projection_seed = int(projection_seed)
+        self.index_dir = index_dir
+        if projection_structure not in STRUCTURES:
+            raise ValueError(f"projection_structure must be one of {STRUCTURES}, got "
+                             f"{projection_structure!r}")
+        self.projection_structure = projection_structure
+        if self.per_layer and self.projection_dim is not None and projection_structure == "dense":
+            raise ValueError("a dense projection mixes layers, so per_layer scores need "
+                             "projection_structure=kronecker (or no projection).")
         self.layer_scores: Tensor | None = None
+        if self.projection_dim is not None:  # validates kind early, on construction
+            if projection_kind not in KINDS:
+                raise ValueError(f"projection_kind must be one of {KINDS}, got "
+                                 f"{projection_kind!r}")
 
     def engine(self, problem: AttributionProblem) -> GradientEngine:
         return GradientEngine(problem.model, self.modules)
@@ -89,6 +135,13 @@ class GradientEstimator(Estimator):
         self.chunk_size = max(1, min(self.chunk_size, fits))
         return self.chunk_size
 
+    def projector(self, engine: GradientEngine, offset: int = 0) -> Projector | None:
+        """The seeded projection of ``engine``'s layers (seed + ``offset``), or None."""
+        if self.projection_dim is None:
+            return None
+        return Projector(engine, self.projection_dim, self.projection_kind,
+                         self.projection_seed + offset, self.projection_structure)
+
     def precondition(self, problem: AttributionProblem, engine: GradientEngine,
                      query_grads: LayerGrads) -> LayerGrads:
         """Maps query gradients ``{layer: [Q, o, i]}`` to P ∇f. Default: identity."""
@@ -98,25 +151,100 @@ class GradientEstimator(Estimator):
         """A per-example transform of a chunk of training gradients. Default: identity."""
         return grads
 
+    # Gradients, exact or projected, of the loss ("train") or the measurement ("queries").
+    def gradient_stream(self, problem: AttributionProblem, engine: GradientEngine,
+                        projector: Projector | None, which: str,
+                        split: str | None = None) -> Iterator[tuple[slice, LayerGrads]]:
+        """Streams ``(rows, {layer: [B, o, i]})`` (projected: ``[B, d_o, d_a]``).
+
+        Args:
+            which: ``train`` differentiates ``problem.loss``, ``queries`` ``problem.measure``.
+            split: the examples, ``train`` or ``queries`` (default: the same as ``which``).
+        """
+        split = split or which
+        if projector is None and split == which:
+            yield from engine.stream(problem, which, self.chunk_size)
+            return
+        fn = problem.train_loss if which == "train" else problem.query_measure
+        was_training = problem.model.training
+        problem.model.eval()
+        start = 0
+        try:
+            for batch in problem.loader(split, self.chunk_size):
+                batch = move_to(batch, problem.device)
+                grads = (engine.gradients(fn, batch) if projector is None
+                         else projector.project(fn, batch))
+                size = next(iter(grads.values())).shape[0]
+                yield slice(start, start + size), grads
+                start += size
+        finally:
+            problem.model.train(was_training)
+
+    def training_gradients(self, problem: AttributionProblem, engine: GradientEngine,
+                           projector: Projector | None,
+                           which: str = "train") -> Iterator[tuple[slice, LayerGrads]]:
+        """Training-set gradients, read from the on-disk index when there is one."""
+        if projector is None or self.index_dir is None:
+            yield from self.gradient_stream(problem, engine, projector, which, "train")
+            return
+        spec = {"projection": projector.describe(), "modules": self.modules, "fn": which,
+                "dtype": "float32"}
+        key = fingerprint(problem, engine, spec)
+        flat = ((rows, projector.flatten(g))
+                for rows, g in self.gradient_stream(problem, engine, projector, which, "train"))
+        array = GradientIndex(self.index_dir).load_or_build(
+            key, (problem.n_train, projector.dim), flat)
+        for rows, values in read_rows(array, self.chunk_size):
+            yield rows, projector.unflatten(values.to(problem.device))
+
+    def query_gradients(self, problem: AttributionProblem, engine: GradientEngine,
+                        projector: Projector | None) -> LayerGrads:
+        """All query gradients ``{layer: [Q, ...]}``."""
+        chunks = [g for _, g in self.gradient_stream(problem, engine, projector, "queries")]
+        return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
     def score(self, problem: AttributionProblem) -> Tensor:
+        scores = self.score_model(problem)
+        if self.per_layer:
+            self.layer_scores = scores
+            return scores.sum(0)
+        return scores
+
+    def score_model(self, problem: AttributionProblem, offset: int = 0) -> Tensor:
+        """Scores of ``problem.model``: ``[n_queries, n_train]``, or per layer
+        ``[n_layers, n_queries, n_train]`` when ``per_layer``."""
         engine = self.engine(problem)
-        query_grads = engine.all_gradients(problem, "queries", self.chunk_size)
+        projector = self.projector(engine, offset)
+        query_grads = self.query_gradients(problem, engine, projector)
         pre = self.precondition(problem, engine, query_grads)
         pre = {n: g.to(torch.float32) for n, g in pre.items()}
-        shape = (len(engine.layers), problem.n_queries, problem.n_train)
+        shape = (len(pre), problem.n_queries, problem.n_train)
         scores = torch.zeros(shape if self.per_layer else shape[1:])
         columns, train_problem, mask = torch.arange(problem.n_train), problem, None
         if self.candidates:  # gradients only for the union of the queries' candidates
             mask = lexical.candidate_mask(problem, **self.candidates)
             columns = mask.any(0).nonzero().flatten()
             train_problem = lexical.restricted(problem, columns)
-        for idx, grads in engine.stream(train_problem, "train", self.chunk_size, "scoring"):
+        for idx, grads in self.training_gradients(train_problem, engine, projector):
             grads = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}
             scores[..., columns[idx]] = -dot(pre, grads, per_layer=self.per_layer).cpu()
             del grads  # one chunk alive at a time
         if mask is not None:
             scores = lexical.fill_unscored(scores, mask)
-        if self.per_layer:
-            self.layer_scores = scores
-            return scores.sum(0)
         return scores
+
+    def self_influence(self, problem: AttributionProblem) -> Tensor:
+        return self.self_influence_model(problem)
+
+    def self_influence_model(self, problem: AttributionProblem, offset: int = 0) -> Tensor:
+        """``[n_train]``: T(∇L(z_m)) · P ∇L(z_m) for ``problem.model`` (H = I: ‖∇L‖²)."""
+        engine = self.engine(problem)
+        projector = self.projector(engine, offset)
+        values = torch.zeros(problem.n_train)
+        for idx, grads in self.training_gradients(problem, engine, projector):
+            pre = self.precondition(problem, engine, grads)
+            pre = {n: g.to(torch.float32) for n, g in pre.items()}
+            train = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}
+            values[idx] = sum((pre[n].flatten(1) * train[n].flatten(1)).sum(1)
+                              for n in train).cpu()
+        return values

@@ -8,6 +8,9 @@ the all-but-``unit_norm``-off corner of TrackStar (Chang et al. 2024, §3).
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from estimators.base import GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads, scale, squared_norm
 from estimators.problem import AttributionProblem
@@ -27,3 +30,7 @@ class GradCos(GradientEstimator):
 
     def transform_train(self, grads: LayerGrads) -> LayerGrads:
         return unit_normalise(grads)
+
+    def self_influence(self, problem: AttributionProblem) -> Tensor:
+        """``[n_train]`` ones: the cosine of a gradient with itself (no mislabel signal)."""
+        return torch.ones(problem.n_train)

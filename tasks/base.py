@@ -9,10 +9,10 @@ attributed one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any
 
 import lightning as L
 import torch
@@ -119,28 +119,75 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _snapshot(trainer: L.Trainer, pl_module: L.LightningModule) -> Checkpoint:
+    """The model's parameters, the learning rate in force and the optimizer state, copied."""
+    optimizer = trainer.optimizers[0]
+    state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+    return Checkpoint(state, lr=float(optimizer.param_groups[0]["lr"]), step=trainer.global_step,
+                      optimizer_state=copy.deepcopy(optimizer.state_dict()))
+
+
+class RecordCheckpoints(L.Callback):
+    """Records intermediate checkpoints during training (for TracIn and TrackStar).
+
+    Args:
+        every_n_epochs: record at the end of every n-th epoch (or None).
+        every_n_steps: record after every n-th optimizer step (or None).
+
+    The state after the last step is always recorded by :func:`lightning_fit`, so a
+    recording that falls on it is not repeated.
+    """
+
+    def __init__(self, every_n_epochs: int | None = None, every_n_steps: int | None = None):
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and int(value) <= 0:
+                raise ValueError(f"checkpoints.{name} must be a positive integer or null, "
+                                 f"got {value!r}")
+        self.every_n_epochs = int(every_n_epochs) if every_n_epochs else None
+        self.every_n_steps = int(every_n_steps) if every_n_steps else None
+        self.recorded: list[Checkpoint] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and self._new(step):
+            self.recorded.append(_snapshot(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 \
+                and self._new(trainer.global_step):
+            self.recorded.append(_snapshot(trainer, pl_module))
+
+    def _new(self, step: int) -> bool:
+        return not self.recorded or self.recorded[-1].step != step
+
+
 class _RecordOptimizer(L.Callback):
     """Keeps the optimizer's state and learning rate at the end of training."""
 
     def __init__(self):
-        self.state: dict[str, Any] | None = None
-        self.lr = 0.0
+        self.final: Checkpoint | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        optimizer = trainer.optimizers[0]
-        self.lr = float(optimizer.param_groups[0]["lr"])
-        self.state = optimizer.state_dict()
+        self.final = _snapshot(trainer, pl_module)
 
 
 def lightning_fit(module: L.LightningModule, data: Dataset, *, indices: Tensor | None,
                   batch_size: int, epochs: int, seed: int, device: str, precision: str = "32-true",
-                  progress: bool = False, collate_fn=None) -> list[Checkpoint]:
+                  progress: bool = False, collate_fn=None,
+                  checkpoints: dict | None = None) -> list[Checkpoint]:
     """Trains a LightningModule on (a subset of) ``data`` with a seeded shuffle.
 
     ``module.model`` must be the attributed ``nn.Module``; it is trained in place.
 
+    Args:
+        checkpoints: ``{every_n_epochs: n}`` and/or ``{every_n_steps: n}`` to record
+            intermediate checkpoints (see :class:`RecordCheckpoints`); None records only the
+            final state (what ground-truth retraining uses).
+
     Returns:
-        ``[Checkpoint]`` of the final state, with the learning rate and optimizer state.
+        ``[Checkpoint]`` in training order, the final state last, each with the learning rate
+        in force and a copy of the optimizer state.
     """
     if indices is not None:
         data = Subset(data, indices.tolist())
@@ -148,13 +195,18 @@ def lightning_fit(module: L.LightningModule, data: Dataset, *, indices: Tensor |
     loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True,
                         generator=generator, collate_fn=collate_fn)
     recorder = _RecordOptimizer()
+    callbacks: list[L.Callback] = [recorder]
+    intermediate = RecordCheckpoints(**(checkpoints or {})) if checkpoints else None
+    if intermediate is not None:
+        callbacks.insert(0, intermediate)
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
         precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=progress, enable_model_summary=False, callbacks=[recorder],
+        enable_progress_bar=progress, enable_model_summary=False, callbacks=callbacks,
         deterministic=False,
     )
     trainer.fit(module, loader)
-    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    return [Checkpoint(state, lr=recorder.lr, step=trainer.global_step,
-                       optimizer_state=recorder.state)]
+    final = recorder.final
+    recorded = intermediate.recorded if intermediate is not None else []
+    recorded = [c for c in recorded if c.step != final.step]
+    return [*recorded, final]

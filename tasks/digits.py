@@ -108,6 +108,9 @@ class DigitsTask(Task):
         l2: λ₂ of the training objective.
         batch_size, epochs: training loop.
         optim: optimizer keyword arguments.
+        checkpoints: ``{every_n_epochs: n}`` / ``{every_n_steps: n}``: intermediate
+            checkpoints recorded when the attributed model trains (never in ground-truth
+            retraining on subsets); None keeps only the final state.
         split_seed, lds, loo, device: see :class:`~tasks.base.Task`.
     """
 
@@ -117,7 +120,8 @@ class DigitsTask(Task):
     ensemble_size = 256  # models per vectorised pass of fit_many
 
     def __init__(self, n_train: int = 1000, n_queries: int = 100, l2: float = 1e-3,
-                 batch_size: int = 32, epochs: int = 20, optim: dict | None = None, **task):
+                 batch_size: int = 32, epochs: int = 20, optim: dict | None = None,
+                 checkpoints: dict | None = None, **task):
         super().__init__(**task)
         self.train_set, self.query_set = load_digits_split(n_train, n_queries, self.split_seed,
                                                            self.dtype)
@@ -125,6 +129,7 @@ class DigitsTask(Task):
         self.batch_size = int(batch_size)
         self.epochs = int(epochs)
         self.optim = dict(optim or {})
+        self.checkpoints = dict(checkpoints) if checkpoints else None
 
     @property
     def n_train(self) -> int:
@@ -135,7 +140,8 @@ class DigitsTask(Task):
         module = ClassifierModule(model, self.optimizer, self.optim, self.l2)
         return lightning_fit(module, self.train_set, indices=indices,
                              batch_size=self.batch_size, epochs=self.epochs, seed=seed,
-                             device=self.device, precision=self.precision, progress=progress)
+                             device=self.device, precision=self.precision, progress=progress,
+                             checkpoints=self.checkpoints if indices is None else None)
 
     def fit_many(self, seeds: list[int], subsets: list[Tensor],
                  progress: bool = False) -> Tensor | None:

@@ -21,6 +21,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 TINY = {
     "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
                    "task.lds.subsets=8", "task.lds.seeds=1"],
+    "digits_mlp_noisy": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
+                         "task.lds.subsets=8", "task.lds.seeds=1"],
     "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
                       "task.loo.n=10"],
     "facts": ["task.world.n_entities=12", "task.world.n_prior_docs=4", "task.world.n_queries=6",

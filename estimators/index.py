@@ -1,0 +1,124 @@
+"""Gradient indexes on disk: projected training gradients saved once, memory-mapped after.
+
+An index is one ``[n_train, d]`` float32 ``.npy`` file named by a key that hashes everything
+that determines its numbers: a fingerprint of the model's tracked parameters and of the
+training data, the projection, the layer filter and which function was differentiated. It is
+written under a hidden temporary name and renamed into place (atomic on POSIX), so a reader
+never sees half an index; an unreadable file is deleted and rebuilt. Scoring new queries
+against a stored index costs only the queries' own gradients.
+
+This module is independent of ``bench`` (estimators never import it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from estimators.gradients import GradientEngine
+from estimators.problem import AttributionProblem
+
+log = logging.getLogger(__name__)
+
+
+def _update(digest, value) -> None:
+    if isinstance(value, Tensor):
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        for k in sorted(value):
+            digest.update(str(k).encode())
+            _update(digest, value[k])
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _update(digest, v)
+    else:
+        digest.update(repr(value).encode())
+
+
+def fingerprint(problem: AttributionProblem, engine: GradientEngine, spec: dict) -> str:
+    """A hex key of the tracked parameters, the training data and ``spec``.
+
+    The data part hashes the problem's ``key``, ``n_train`` and the first collated batch of
+    up to 64 training examples (the whole set is not read).
+    """
+    digest = hashlib.sha256()
+    _update(digest, engine.parameters())
+    _update(digest, [problem.key, problem.n_train, engine.names])
+    _update(digest, next(iter(problem.loader("train", 64))))
+    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
+
+
+class GradientIndex:
+    """A directory of ``[n, d]`` float32 gradient matrices, one ``<key>.npy`` each.
+
+    Args:
+        directory: where the indexes live (created on first write).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.npy"
+
+    def load(self, key: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """The memory-mapped index ``[n, d]`` for ``key``, or None if absent or unreadable."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            array = np.load(path, mmap_mode="r")
+            if array.shape != tuple(shape) or array.dtype != np.float32:
+                raise ValueError(f"shape {array.shape} {array.dtype}, expected {shape} float32")
+            return array
+        except Exception as err:  # noqa: BLE001 - any unreadable index is rebuilt
+            log.warning("Gradient index %s is unreadable (%s); deleting and rebuilding it.",
+                        path, err)
+            path.unlink(missing_ok=True)
+            return None
+
+    def build(self, key: str, shape: tuple[int, int],
+              chunks: Iterator[tuple[slice, Tensor]]) -> np.ndarray:
+        """Writes the rows ``chunks`` yields (``(rows, [B, d])``) atomically; returns the map."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            written = 0
+            for rows, values in chunks:
+                out[rows] = values.detach().to(torch.float32).cpu().numpy()
+                written = rows.stop
+            if written != shape[0]:
+                raise RuntimeError(f"index got {written} rows, expected {shape[0]}")
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return np.load(path, mmap_mode="r")
+
+    def load_or_build(self, key: str, shape: tuple[int, int],
+                      chunks: Iterator[tuple[slice, Tensor]]) -> np.ndarray:
+        """The index for ``key``: memory-mapped from disk, or built from ``chunks`` first."""
+        array = self.load(key, shape)
+        if array is None:
+            array = self.build(key, shape, chunks)
+        return array
+
+
+def read_rows(array: np.ndarray, chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
+    """Streams a (memory-mapped) ``[n, d]`` array as ``(rows, [B, d] float32 tensor)``."""
+    for start in range(0, array.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, array.shape[0]))
+        yield rows, torch.from_numpy(np.array(array[rows]))
