@@ -22,7 +22,7 @@ Pruthi et al. 2020 §4) comes from the same P and T: :meth:`GradientEstimator.se
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -151,6 +151,17 @@ class GradientEstimator(Estimator):
         """A per-example transform of a chunk of training gradients. Default: identity."""
         return grads
 
+    def correction(self, problem: AttributionProblem,
+                   engine: GradientEngine) -> Callable[[LayerGrads], LayerGrads] | None:
+        """An element-wise map of full per-example gradients ``{layer: [B, o, i]}``, applied
+        to query and training gradients before any projection (TrackStar's optimizer
+        correction; needs ``projection_structure: dense``). Default: None."""
+        return None
+
+    def correction_spec(self) -> dict:
+        """What determines :meth:`correction`'s numbers (part of the gradient-index key)."""
+        return {}
+
     # Gradients, exact or projected, of the loss ("train") or the measurement ("queries").
     def gradient_stream(self, problem: AttributionProblem, engine: GradientEngine,
                         projector: Projector | None, which: str,
@@ -162,7 +173,8 @@ class GradientEstimator(Estimator):
             split: the examples, ``train`` or ``queries`` (default: the same as ``which``).
         """
         split = split or which
-        if projector is None and split == which:
+        correct = self.correction(problem, engine)
+        if projector is None and split == which and correct is None:
             yield from engine.stream(problem, which, self.chunk_size)
             return
         fn = problem.train_loss if which == "train" else problem.query_measure
@@ -172,8 +184,11 @@ class GradientEstimator(Estimator):
         try:
             for batch in problem.loader(split, self.chunk_size):
                 batch = move_to(batch, problem.device)
-                grads = (engine.gradients(fn, batch) if projector is None
-                         else projector.project(fn, batch))
+                if projector is None:
+                    grads = engine.gradients(fn, batch)
+                    grads = correct(grads) if correct is not None else grads
+                else:
+                    grads = projector.project(fn, batch, correct)
                 size = next(iter(grads.values())).shape[0]
                 yield slice(start, start + size), grads
                 start += size
@@ -188,7 +203,7 @@ class GradientEstimator(Estimator):
             yield from self.gradient_stream(problem, engine, projector, which, "train")
             return
         spec = {"projection": projector.describe(), "modules": self.modules, "fn": which,
-                "dtype": "float32"}
+                "dtype": "float32", "correction": self.correction_spec()}
         key = fingerprint(problem, engine, spec)
         flat = ((rows, projector.flatten(g))
                 for rows, g in self.gradient_stream(problem, engine, projector, which, "train"))

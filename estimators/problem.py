@@ -120,6 +120,29 @@ def move_to(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+def adam_state(model: nn.Module, optimizer_state: dict[str, Any] | None) -> dict | None:
+    """Adam's final state by parameter name: ``{step, betas, eps, exp_avg_sq: {name: v}}``.
+
+    ``exp_avg_sq`` is the raw (not bias-corrected) second moment. Assumes the optimizer was
+    built on ``model.parameters()`` in their natural order, one parameter group (as the
+    tasks' Lightning modules do). None when the state holds no Adam moments (e.g. SGD).
+    """
+    if not optimizer_state or not optimizer_state.get("state"):
+        return None
+    if not all("exp_avg_sq" in st for st in optimizer_state["state"].values()):
+        return None
+    group = optimizer_state["param_groups"][0]
+    names = [n for n, _ in model.named_parameters()]
+    v, step = {}, 0.0
+    for index, name in zip(group["params"], names, strict=True):
+        state = optimizer_state["state"].get(index)
+        if state is not None:
+            v[name] = state["exp_avg_sq"].detach()
+            step = float(state["step"])
+    return {"step": step, "betas": tuple(group["betas"]), "eps": float(group["eps"]),
+            "exp_avg_sq": v}
+
+
 # Cross-entropy helpers shared by classification and language-model tasks. Targets equal to
 # ``IGNORE`` (as in transformers' labels) contribute nothing.
 IGNORE = -100

@@ -26,6 +26,7 @@ from estimators.problem import (
     IGNORE,
     AttributionProblem,
     Checkpoint,
+    adam_state,
     cross_entropy_sum,
     move_to,
     sample_categorical,
@@ -143,26 +144,6 @@ def exact_match(model: nn.Module, data: Dataset, collate, batch_size: int = 128,
         out.append(((pred == targets) | (targets == IGNORE)).all(1).cpu())
     model.train(was_training)
     return torch.cat(out)
-
-
-def adam_state(model: nn.Module, optimizer_state: dict | None) -> dict | None:
-    """Adam's final state by parameter name: ``{step, betas, eps, exp_avg_sq: {name: v}}``.
-
-    ``exp_avg_sq`` is the raw (not bias-corrected) second moment. Assumes the optimizer was
-    built on ``model.parameters()`` in their natural order (as :class:`LMModule` does).
-    """
-    if not optimizer_state or not optimizer_state.get("state"):
-        return None
-    group = optimizer_state["param_groups"][0]
-    names = [n for n, _ in model.named_parameters()]
-    v, step = {}, 0.0
-    for index, name in zip(group["params"], names, strict=True):
-        state = optimizer_state["state"].get(index)
-        if state is not None:
-            v[name] = state["exp_avg_sq"].detach()
-            step = float(state["step"])
-    return {"step": step, "betas": tuple(group["betas"]), "eps": float(group["eps"]),
-            "exp_avg_sq": v}
 
 
 def tail_patch_spec(model: nn.Module, checkpoints: list[Checkpoint], lr: float | None) -> dict:
