@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -21,6 +22,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -221,6 +223,14 @@ def main(cfg: DictConfig) -> None:
             raise
         log.error("%s", err)
         print(f"tda-bench: error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # one job of a sweep (e.g. bm25 on a task without text): record why, go on
+            out_dir = Path(HydraConfig.get().runtime.output_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "error.json").write_text(json.dumps(
+                {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": cfg.seed,
+                 "error": str(err)}, indent=2) + "\n")
+            return
         sys.exit(2)
 
 

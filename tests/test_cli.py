@@ -112,3 +112,14 @@ def test_user_errors_are_one_sentence_not_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "tda-bench: error: explicit forms the full" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_job_of_a_sweep_records_its_error_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "task=digits_mlp", "estimator=bm25,grad_dot", "logger=none",
+               f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+               *TINY["digits_mlp"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    errors = list(sweep.rglob("error.json"))
+    assert len(errors) == 1 and "text" in json.loads(errors[0].read_text())["error"]
+    assert len(list(sweep.rglob("metrics.json"))) == 1  # grad_dot still ran
