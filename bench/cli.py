@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import ground_truth as gt
+from bench import pbrf
 from bench.cache import hash_key, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate
@@ -82,6 +83,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             plan = gt.plan(task, cfg.task_name, task_config(cfg), kind)
             paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
                                           options.num_shards, options.num_threads))
+        if task.pbrf:  # depends on the attributed model, so on cfg.seed
+            problem = task.problem(*trained_model(task, cfg, Path(cfg.cache_dir))).to(task.device)
+            paths.append(pbrf.compute_shard(
+                problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
+                Path(cfg.cache_dir), options.shard, options.num_shards, options.num_threads))
         log.info("Ground-truth shard %d/%d written: %s", options.shard + 1, options.num_shards,
                  ", ".join(map(str, paths)))
         return {"stage": "ground_truth", "shards": [str(p) for p in paths]}
@@ -91,6 +97,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     truths = ground_truths(task, cfg, options)
     model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
     problem = task.problem(model, checkpoints).to(task.device)
+    if task.pbrf:  # depends on the attributed model, so on cfg.seed
+        truths["pbrf"] = pbrf.load_or_compute(
+            problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
+            Path(cfg.cache_dir), options)
     estimator = instantiate(cfg.estimator)
 
     start = time.perf_counter()
@@ -105,6 +115,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics, per_query = evaluate(scores, truths)
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
                    peak_rss_mb=peak_rss_mb())
+    diagnostics = getattr(estimator, "diagnostics", None) or {}  # e.g. LiSSA's convergence
+    metrics.update({k: float(v) for k, v in diagnostics.items()})
     record = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": int(cfg.seed),
               **metrics, **provenance(command_line())}
     write_records(out_dir, record, per_query, scores if cfg.save_scores else None)
@@ -128,8 +140,8 @@ def command_line() -> str:
 
 
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
-    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "fit_seconds", "score_seconds",
-            "peak_rss_mb"]
+    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman",
+            "fit_seconds", "score_seconds", "peak_rss_mb"]
     lines = [f"{record['task']} / {record['estimator']} / seed {record['seed']}"]
     lines += [f"  {k:<14} {record[k]:>10.4f}" for k in keys if record.get(k) is not None]
     lines.append(f"  records in {out_dir}")

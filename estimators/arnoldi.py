@@ -74,8 +74,8 @@ class Arnoldi(GradientEstimator):
         was_training = problem.model.training
         problem.model.eval()
         try:
-            basis, hessenberg = arnoldi(lambda v: full(v[None])[0].double().cpu() + self.damping * v,
-                                        p, n, generator)
+            damped = lambda v: full(v[None])[0].double().cpu() + self.damping * v  # noqa: E731
+            basis, hessenberg = arnoldi(damped, p, n, generator)
         finally:
             problem.model.train(was_training)
         values, vectors = torch.linalg.eig(hessenberg)

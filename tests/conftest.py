@@ -20,9 +20,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # Overrides that shrink each task so a whole run takes a few seconds.
 TINY = {
     "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
-                   "task.lds.subsets=8", "task.lds.seeds=1"],
+                   "task.lds.subsets=8", "task.lds.seeds=1", "task.pbrf.n=4"],
     "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
-                      "task.loo.n=10"],
+                      "task.loo.n=10", "task.pbrf.n=4"],
 }
 
 
