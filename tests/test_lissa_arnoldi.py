@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +126,7 @@ def test_constructor_errors():
 
 def test_configs_run_end_to_end(make_cfg):
     """Both configs through the harness (one cache: the ground truth is computed once)."""
+    written = {}
     for estimator, overrides in [("lissa", ["estimator.depth=20"]),
                                  ("arnoldi", ["estimator.iterations=20", "estimator.rank=10"])]:
         cfg = make_cfg("digits_mlp", f"estimator={estimator}", "seed=3", *overrides)
@@ -130,4 +134,10 @@ def test_configs_run_end_to_end(make_cfg):
         record = run(cfg)
         assert record["estimator"] == estimator and np.isfinite(record["lds"])
         assert np.isfinite(record["pbrf_pearson"])
-    assert 0 < record["arnoldi_kth_eigenvalue"] <= record["arnoldi_top_eigenvalue"]
+        out = Path(cfg.hydra.runtime.output_dir)
+        written[estimator] = json.loads((out / "metrics.json").read_text())
+        assert {"pbrf_pearson", "pbrf_spearman"} <= set(written[estimator])
+        assert "pbrf_spearman" in (out / "per_query.csv").read_text().splitlines()[0]
+    assert written["lissa"]["lissa_rel_change"] >= 0 and written["lissa"]["lissa_scale"] > 0
+    arnoldi = written["arnoldi"]
+    assert 0 < arnoldi["arnoldi_kth_eigenvalue"] <= arnoldi["arnoldi_top_eigenvalue"]
