@@ -40,13 +40,14 @@ from bench.cli import CONF_DIR  # noqa: E402
 
 ESTIMATORS = ["explicit", "ekfac", "kfac", "lissa", "arnoldi", "grad_dot"]
 TASKS = ["digits_mlp", "digits_logreg"]
-DEPTHS = [100, 250, 500, 1000, 2000, 4000]
+DEPTHS = [250, 500, 1000, 1500, 2000, 3000]
 QUICK = {
     "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3", "task.lds.subsets=8",
                    "task.lds.seeds=1", "task.pbrf.n=6"],
     "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
                       "task.loo.n=10", "task.pbrf.n=6"],
 }
+MARKER = "DEPTH-SEARCH "
 METRICS = ["lds", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman",
            "explicit_corr", "fit_seconds", "score_seconds", "peak_rss_mb"]
 
@@ -119,6 +120,19 @@ def depth_search(task_overrides: list[str], depths: list[int], seed: int = 0) ->
             "reached": bool(reached), "seconds": seconds, "scale": lissa.scale_used}
 
 
+def depth_search_subprocess(quick: bool) -> dict:
+    """The depth search in its own process, so this one stays small: a child's peak RSS on
+    Linux starts from its parent's size at fork, and would inflate every run's peak memory."""
+    cmd = [sys.executable, "-m", "bench.curvature", "--depth-search-only"] + (
+        ["--quick"] if quick else [])
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(MARKER)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the LiSSA depth search failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARKER):])
+
+
 def explicit_corr(scores: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over queries of the Pearson correlation of two score rows ``[Q, N]``."""
     a = scores.double() - scores.double().mean(1, keepdim=True)
@@ -155,16 +169,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/curvature.md"))
     parser.add_argument("--workdir", type=Path, default=Path("outputs/curvature"))
     parser.add_argument("--timing-runs", type=int, default=3)
+    parser.add_argument("--depth-search-only", action="store_true",
+                        help="print the LiSSA depth search as JSON and stop")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    depths = [10, 25, 50, 100] if args.quick else DEPTHS
+    depths = [25, 50, 100, 200] if args.quick else DEPTHS
+    overrides = {t: (QUICK[t] if args.quick else []) for t in TASKS}
+    if args.depth_search_only:
+        print(MARKER + json.dumps(depth_search(overrides["digits_mlp"], depths)), flush=True)
+        return
     estimators, skipped = available(ESTIMATORS)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = args.workdir / stamp
 
-    overrides = {t: (QUICK[t] if args.quick else []) for t in TASKS}
     print("LiSSA depth search on digits_mlp ...", flush=True)
-    search = depth_search(overrides["digits_mlp"], depths)
+    search = depth_search_subprocess(args.quick)
     depth = search["depth"]
     lissa_override = [f"estimator.depth={depth}"]
 

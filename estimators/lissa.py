@@ -56,7 +56,7 @@ class LiSSA(GradientEstimator):
     """
 
     def __init__(self, hvp: str = "ggn", damping: float = 1e-3, scale: float | None = None,
-                 scale_margin: float = 1.2, power_iterations: int = 20, depth: int = 1000,
+                 scale_margin: float = 1.2, power_iterations: int = 20, depth: int = 2000,
                  batch_size: int = 128, repeat: int = 1, seed: int = 0,
                  modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
         super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
