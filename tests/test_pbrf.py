@@ -10,6 +10,7 @@ import torch
 
 from bench import ground_truth as gt
 from bench import pbrf
+from bench.cli import run
 from estimators.explicit import Explicit
 from tasks.digits_logreg import DigitsLogReg
 
@@ -55,3 +56,13 @@ def test_pbrf_cache_is_keyed_by_model_and_sharded(logreg, tmp_path):
     with pytest.raises(gt.GroundTruthMissing, match="stage=ground_truth"):
         pbrf.load_or_compute(problem_b, pbrf.plan(task, "digits_logreg", {}, problem_b),
                              tmp_path, gt.GroundTruthOptions(on_missing="error"))
+
+
+def test_stage_ground_truth_computes_this_seeds_pbrf_shard(make_cfg):
+    cfg = make_cfg("digits_mlp", "stage=ground_truth", "ground_truth.num_shards=2",
+                   "ground_truth.shard=1", "seed=2")
+    shards = run(cfg)["shards"]
+    pbrf_shards = [s for s in shards if "/pbrf-" in s]
+    assert len(pbrf_shards) == 1 and pbrf_shards[0].endswith("shard-0001-of-0002.pt")
+    payload = torch.load(pbrf_shards[0], weights_only=True)
+    assert payload["values"].shape == (2, 12)  # units 1 and 3 of task.pbrf.n=4; 12 queries
