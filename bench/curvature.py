@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/curvature.md"))
     parser.add_argument("--workdir", type=Path, default=Path("outputs/curvature"))
     parser.add_argument("--timing-runs", type=int, default=3)
+    parser.add_argument("--lissa-depth", type=int, default=None,
+                        help="skip the depth search and use this LiSSA depth")
     parser.add_argument("--depth-search-only", action="store_true",
                         help="print the LiSSA depth search as JSON and stop")
     args = parser.parse_args(argv)
@@ -182,8 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = args.workdir / stamp
 
-    print("LiSSA depth search on digits_mlp ...", flush=True)
-    search = depth_search_subprocess(args.quick)
+    if args.lissa_depth is None:
+        print("LiSSA depth search on digits_mlp ...", flush=True)
+        search = depth_search_subprocess(args.quick)
+    else:
+        search = {"rows": [], "depth": args.lissa_depth, "reached": None, "seconds": None,
+                  "scale": None}
     depth = search["depth"]
     lissa_override = [f"estimator.depth={depth}"]
 
@@ -228,15 +234,17 @@ def write_report(args, seeds, estimators, skipped, search, results, timing) -> N
         lines += ["**Quick mode: tiny tasks (120 training examples), one seed. Not citable.**", ""]
     if skipped:
         lines += [f"Skipped (no config yet): {', '.join(skipped)}.", ""]
-    lines += ["## LiSSA depth search (digits_mlp, seed 0, GGN, same damping as explicit)", "",
-              f"Scale s = {search['scale']:.4g}; {search['seconds']:.1f} s for the deepest run.",
-              "",
-              "| depth | mean cosine | min cosine |", "|---|---|---|"]
-    lines += [f"| {r['depth']} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} |"
-              for r in search["rows"]]
-    verdict = "reaches" if search["reached"] else "does NOT reach (deepest used)"
-    lines += ["", f"LiSSA depth used below: **{search['depth']}** ({verdict} mean cosine ≥ 0.99).",
-              ""]
+    lines += ["## LiSSA depth search (digits_mlp, seed 0, GGN, same damping as explicit)", ""]
+    if search["reached"] is None:
+        lines += [f"Not run: LiSSA depth {search['depth']} given by --lissa-depth.", ""]
+    else:
+        lines += [f"Scale s = {search['scale']:.4g}; {search['seconds']:.1f} s for the deepest "
+                  "run.", "", "| depth | mean cosine | min cosine |", "|---|---|---|"]
+        lines += [f"| {r['depth']} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} |"
+                  for r in search["rows"]]
+        verdict = "reaches" if search["reached"] else "does NOT reach (deepest used)"
+        lines += ["", f"LiSSA depth used below: **{search['depth']}** ({verdict} mean cosine "
+                  "≥ 0.99).", ""]
     for task, by_est in results.items():
         lines += [f"## {task}", "", "| estimator | " + " | ".join(METRICS) + " |",
                   "|---" * (len(METRICS) + 1) + "|"]
