@@ -78,8 +78,9 @@ class Arnoldi(GradientEstimator):
             basis, hessenberg = arnoldi(damped, p, n, generator)
         finally:
             problem.model.train(was_training)
-        values, vectors = torch.linalg.eig(hessenberg)
-        values, vectors = values.real, vectors.real  # symmetric operator: real spectrum
+        # The operator is symmetric, so QᵀAQ is too (tridiagonal up to rounding): eigh of its
+        # symmetric part gives the real Ritz pairs without eig's spurious complex pairs.
+        values, vectors = torch.linalg.eigh((hessenberg + hessenberg.T) / 2)
         order = torch.argsort(values, descending=True)[: min(self.rank, n)]
         values = values[order]
         if values[-1] <= 0:
