@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             plan = gt.plan(task, cfg.task_name, task_config(cfg), kind)
             paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
                                           options.num_shards, options.num_threads))
-        if task.pbrf:  # depends on the attributed model, so on cfg.seed
+        if getattr(task, "pbrf", None):  # depends on the attributed model, so on cfg.seed
             problem = task.problem(*trained_model(task, cfg, Path(cfg.cache_dir))).to(task.device)
             paths.append(pbrf.compute_shard(
                 problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     truths = ground_truths(task, cfg, options)
     model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
     problem = task.problem(model, checkpoints).to(task.device)
-    if task.pbrf:  # depends on the attributed model, so on cfg.seed
+    if getattr(task, "pbrf", None):  # depends on the attributed model, so on cfg.seed
         truths["pbrf"] = pbrf.load_or_compute(
             problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
             Path(cfg.cache_dir), options)
