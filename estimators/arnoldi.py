@@ -43,7 +43,7 @@ class Arnoldi(GradientEstimator):
         modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
     """
 
-    def __init__(self, rank: int = 50, iterations: int = 200, curvature: str = "ggn",
+    def __init__(self, rank: int = 200, iterations: int = 400, curvature: str = "ggn",
                  damping: float = 1e-3, batch_size: int = 256, seed: int = 0,
                  modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
         super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
