@@ -43,7 +43,7 @@ from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem, Batch, move_to
 from tasks.base import Task
 
-FORMAT = 1
+FORMAT = 2  # 2: max_eval = 2 max_iter, solves recorded
 DEFAULTS = {
     "n": 50,                 # training examples whose response is solved
     "seed": 0,               # the generator that draws them
