@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import ground_truth as gt
+from bench import pbrf
 from bench.cache import cache_lock, hash_key, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate, lds_ceiling, mislabel_metrics
@@ -123,6 +124,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
                                           options.num_shards, options.num_threads,
                                           options.vectorise))
+        if getattr(task, "pbrf", None):  # depends on the attributed model, so on cfg.seed
+            problem = task.problem(*trained_model(task, cfg, Path(cfg.cache_dir))).to(task.device)
+            paths.append(pbrf.compute_shard(
+                problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
+                Path(cfg.cache_dir), options.shard, options.num_shards, options.num_threads))
         log.info("Ground-truth shard %d/%d written: %s", options.shard + 1, options.num_shards,
                  ", ".join(map(str, paths)))
         return {"stage": "ground_truth", "shards": [str(p) for p in paths]}
@@ -136,6 +142,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # More models of the same task (TRAK's ensemble), trained once and cached like this one.
     problem.extra.setdefault("train_model", lambda seed: trained_model(
         task, cfg, Path(cfg.cache_dir), seed)[0].to(task.device))
+    if getattr(task, "pbrf", None):  # depends on the attributed model, so on cfg.seed
+        truths["pbrf"] = pbrf.load_or_compute(
+            problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
+            Path(cfg.cache_dir), options)
     estimator = instantiate(cfg.estimator)
     if cfg.get("memory_budget_mb") and isinstance(estimator, GradientEstimator):
         estimator.fit_chunk_to_budget(problem, float(cfg.memory_budget_mb))
@@ -164,6 +174,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ceiling = lds_ceiling(truths["lds"]["values"]) if "lds" in truths else None
     if ceiling is not None:
         metrics["lds_ceiling"] = ceiling  # the LDS noise ceiling (split-half over GT seeds)
+    diagnostics = getattr(estimator, "diagnostics", None) or {}  # e.g. LiSSA's convergence
+    metrics.update({k: float(v) for k, v in diagnostics.items()})
     record = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": int(cfg.seed),
               **metrics, **provenance(command_line())}
     write_records(out_dir, record, per_query, scores if cfg.save_scores else None)
@@ -202,10 +214,10 @@ def command_line() -> str:
 
 
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
-    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "mislabel_auc",
-            "mislabel_recall@10pct", "mislabel_recall@20pct", "fit_seconds", "score_seconds",
-            "peak_rss_mb"]
-    keys[4:4] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch", "proponent_",
+    keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman",
+            "mislabel_auc", "mislabel_recall@10pct", "mislabel_recall@20pct", "fit_seconds",
+            "score_seconds", "peak_rss_mb"]
+    keys[6:6] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch", "proponent_",
                                                     "flipped_", "query_accuracy"))]
     lines = [f"{record['task']} / {record['estimator']} / seed {record['seed']}"]
     lines += [f"  {k:<14} {record[k]:>10.4f}" for k in keys if record.get(k) is not None]

@@ -6,7 +6,10 @@
 * LOO: for query q, the Pearson and Spearman correlations over the removed points m between
   score(q, m) and the actual effect f(θ) − f(θ₋ₘ) (``loo_pearson``, ``loo_spearman``).
 
-Both are positive when the estimator follows the sign convention of DESIGN.md. A query whose
+* PBRF (Grosse et al. 2023 §2.2; :mod:`bench.pbrf`): as LOO, against the proximal Bregman
+  response (f(θ*) − f(θˢ))/ε of the chosen examples (``pbrf_pearson``, ``pbrf_spearman``).
+
+All are positive when the estimator follows the sign convention of DESIGN.md. A query whose
 correlation is undefined (constant values) counts as NaN and is left out of the mean.
 """
 
@@ -88,6 +91,12 @@ def evaluate(scores: torch.Tensor, truths: dict[str, dict]) -> tuple[dict, dict]
             scores, t["indices"], t["effects"])
         metrics["loo_pearson"] = mean_sem(per_query["loo_pearson"])[0]
         metrics["loo_spearman"] = mean_sem(per_query["loo_spearman"])[0]
+    if "pbrf" in truths:  # same layout as LOO: effects [L, Q] of the chosen examples
+        t = truths["pbrf"]
+        per_query["pbrf_pearson"], per_query["pbrf_spearman"] = loo_per_query(
+            scores, t["indices"], t["effects"])
+        metrics["pbrf_pearson"] = mean_sem(per_query["pbrf_pearson"])[0]
+        metrics["pbrf_spearman"] = mean_sem(per_query["pbrf_spearman"])[0]
     return metrics, per_query
 
 

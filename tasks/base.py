@@ -41,6 +41,8 @@ class Task(ABC):
         split_seed: seed of the train/query split.
         lds: LDS ground-truth settings (``subsets``, ``fraction``, ``seeds``) or None.
         loo: LOO ground-truth settings (``n``) or None; only for convex tasks.
+        pbrf: PBRF ground-truth settings (see :mod:`bench.pbrf`) or None. It depends on the
+            attributed model, so it is not among the retraining kinds of ``ground_truths``.
         device: where models train and are attributed (``cpu``, ``cuda``, ``auto``).
     """
 
@@ -48,7 +50,7 @@ class Task(ABC):
     convex = False
 
     def __init__(self, split_seed: int = 0, lds: dict | None = None, loo: dict | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", pbrf: dict | None = None):
         if loo and not self.convex:
             raise ValueError(
                 f"{type(self).__name__} is not convex: removing one training point moves a "
@@ -58,6 +60,7 @@ class Task(ABC):
         self.split_seed = int(split_seed)
         self.lds = dict(lds) if lds else None
         self.loo = dict(loo) if loo else None
+        self.pbrf = dict(pbrf) if pbrf else None
         self.device = resolve_device(device)
 
     @property

@@ -20,11 +20,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # Overrides that shrink each task so a whole run takes a few seconds.
 TINY = {
     "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
-                   "task.lds.subsets=8", "task.lds.seeds=1"],
+                   "task.lds.subsets=8", "task.lds.seeds=1", "task.pbrf.n=4"],
     "digits_mlp_noisy": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
                          "task.lds.subsets=8", "task.lds.seeds=1"],
     "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
-                      "task.loo.n=10"],
+                      "task.loo.n=10", "task.pbrf.n=4"],
     "facts": ["task.world.n_entities=12", "task.world.n_prior_docs=4", "task.world.n_queries=6",
               "task.model.layers=1", "task.model.width=32", "task.model.heads=2",
               "task.model.intermediate=64", "task.train.epochs=2", "num_threads=1",

@@ -1,0 +1,212 @@
+"""Ground truth by the proximal Bregman response function (PBRF; Bae et al. 2022, Grosse et
+al. 2023 §2.2), the target that influence functions approximate for networks that are not
+trained to convergence.
+
+For each of ``n`` training examples z_m (drawn by a seeded generator) the response
+
+    θ* = argmin_θ (1/N) Σᵢ D_ℓ(h(θ, xᵢ), h(θˢ, xᵢ)) + ε L(z_m, θ) + ((λ₂ + λ)/2) ‖θ − θˢ‖²
+
+is solved from the attributed model θˢ (D_ℓ the Bregman divergence of the loss in output
+space: ℓ(h) − ℓ(hˢ) − ∇ℓ(hˢ)ᵀ(h − hˢ); the task's L2 term (λ₂/2)‖θ‖² is its own Bregman
+divergence, (λ₂/2)‖θ − θˢ‖², so it joins the proximity term λ), and the PBRF value of each
+query is (f(z_q; θ*) − f(z_q; θˢ)) / ε. To first order in ε it equals the score of DESIGN.md
+with the Gauss-Newton curvature, −∇fᵀ(G + λ₂I + λI)⁻¹∇L, so ``explicit`` (ggn, damping λ) is
+its exact linearisation.
+
+The optimisation is over δ = (θ − θˢ)/ε (the objective divided by ε², which is O(1) as
+ε → 0), in float64 by L-BFGS from δ = 0, over the parameters of every linear layer. Each
+shard records ``solves`` ``[units, 2]``: L-BFGS iterations and the final max |∇δ| (on ReLU
+networks the objective is only piecewise smooth, and a solve can stop at a kink with a small
+non-zero gradient, e.g. 4e-3 after 467 iterations on one digits_mlp example).
+
+Unlike LOO and LDS the PBRF depends on θˢ, so on the run's ``seed``: its cache key holds a
+digest of the attributed model's parameters. Units are the chosen training examples; shards
+take units ``s, s+S, ...`` and use the cache layout of :mod:`bench.ground_truth`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from bench import ground_truth as gt
+from bench.cache import hash_key, load_checked, save_atomic, sweep_stale_temp_files
+from estimators.explicit import functional_outputs
+from estimators.gradients import GradientEngine
+from estimators.problem import AttributionProblem, Batch, move_to
+from tasks.base import Task
+
+FORMAT = 2  # 2: max_eval = 2 max_iter, solves recorded
+DEFAULTS = {
+    "n": 50,                 # training examples whose response is solved
+    "seed": 0,               # the generator that draws them
+    "epsilon": 1.0e-3,       # ε, the up-weighting of z_m
+    "damping": 1.0e-3,       # λ of the proximity term (match explicit's damping)
+    "max_iter": 500,         # L-BFGS iterations
+    "tolerance_grad": 1.0e-9,  # L-BFGS stops when the δ-gradient's max entry is below this
+    "history_size": 50,
+}
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's parameters and buffers (the attributed θˢ)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def plan(task: Task, task_name: str, task_cfg: dict, problem: AttributionProblem) -> gt.Plan:
+    """The PBRF plan of the attributed model in ``problem``."""
+    unknown = set(task.pbrf) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown task.pbrf settings {sorted(unknown)}; known: {list(DEFAULTS)}")
+    spec = {**DEFAULTS, **task.pbrf}
+    gen = torch.Generator().manual_seed(int(spec["seed"]))
+    indices = torch.randperm(task.n_train, generator=gen)[: int(spec["n"])]
+    identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
+                "version": task.VERSION, "kind": "pbrf", "spec": spec, "format": FORMAT,
+                "model": model_digest(problem.model)}
+    return gt.Plan(task_name, "pbrf", hash_key(identity), spec, list(range(len(indices))),
+                   {"indices": indices})
+
+
+def _double(batch: Batch) -> Batch:
+    """Floating tensors of a (nested) batch in float64."""
+    if isinstance(batch, Tensor):
+        return batch.double() if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _double(v) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_double(v) for v in batch)
+    return batch
+
+
+class Response:
+    """The PBRF of one attributed model, in float64.
+
+    Args:
+        problem: the attribution problem (its model is copied, never changed).
+        spec: the PBRF settings (see :data:`DEFAULTS`).
+    """
+
+    def __init__(self, problem: AttributionProblem, spec: dict):
+        self.spec = spec
+        model = copy.deepcopy(problem.model).double().eval()
+        self.problem = dataclasses.replace(problem, model=model)
+        engine = GradientEngine(model)
+        self.outputs = functional_outputs(self.problem, engine)
+        self.theta = engine.parameters().double()
+        collate = problem.collate_fn or default_collate
+        self.collate = lambda items: _double(move_to(collate(items), problem.device))
+        self.train = self.collate([problem.train[i] for i in range(problem.n_train)])
+        self.queries = self.collate([problem.queries[i] for i in range(problem.n_queries)])
+        with torch.no_grad():
+            self.f_s = self.measure(self.theta)
+        out = self.outputs(self.theta, self.train).detach().requires_grad_(True)
+        loss = problem.loss(out, self.train)
+        (self.grad_out,) = torch.autograd.grad(loss.sum(), out)
+        self.out_s, self.loss_s = out.detach(), loss.detach()
+        self.solves: list[tuple[float, float]] = []  # (L-BFGS iterations, final max |∇δ|)
+
+    def measure(self, theta: Tensor) -> Tensor:
+        """``[Q]``: the query measurements at θ."""
+        return self.problem.measure(self.outputs(theta, self.queries), self.queries)
+
+    def bregman(self, theta: Tensor) -> Tensor:
+        """(1/N) Σᵢ D_ℓ(h(θ, xᵢ), h(θˢ, xᵢ)), a scalar."""
+        out = self.outputs(theta, self.train)
+        loss = self.problem.loss(out, self.train)
+        linear = (self.grad_out * (out - self.out_s)).reshape(len(loss), -1).sum(1)
+        return (loss - self.loss_s - linear).sum() / len(loss)
+
+    def value(self, m: int) -> Tensor:
+        """``[Q]``: (f(z_q; θ*) − f(z_q; θˢ)) / ε for up-weighting training example ``m``."""
+        eps = float(self.spec["epsilon"])
+        prox = self.problem.l2 + float(self.spec["damping"])
+        z = self.collate([self.problem.train[m]])
+        with torch.no_grad():
+            loss_m = self.problem.loss(self.outputs(self.theta, z), z).sum()
+        delta = torch.zeros_like(self.theta, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [delta], lr=1.0, max_iter=int(self.spec["max_iter"]),
+            max_eval=2 * int(self.spec["max_iter"]),
+            tolerance_grad=float(self.spec["tolerance_grad"]), tolerance_change=0.0,
+            history_size=int(self.spec["history_size"]), line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            theta = self.theta + eps * delta
+            up = self.problem.loss(self.outputs(theta, z), z).sum() - loss_m
+            objective = self.bregman(theta) / eps**2 + up / eps + 0.5 * prox * delta.pow(2).sum()
+            objective.backward()
+            return objective
+
+        optimizer.step(closure)
+        closure()  # the gradient at the solution, for the convergence record
+        self.solves.append((float(optimizer.state[delta]["n_iter"]), float(delta.grad.abs().max())))
+        with torch.no_grad():
+            return ((self.measure(self.theta + eps * delta) - self.f_s) / eps).cpu()
+
+
+def compute_shard(problem: AttributionProblem, plan: gt.Plan, cache_dir: Path, shard: int,
+                  num_shards: int, num_threads: int = 1) -> Path:
+    """Computes one PBRF shard (if not cached) and writes it atomically; returns its path."""
+    path = plan.shard_path(cache_dir, shard, num_shards)
+    sweep_stale_temp_files(path.parent)
+    if load_checked(path, plan.key) is not None:
+        return path
+    units = plan.units[shard::num_shards]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        response = Response(problem, plan.spec)
+        desc = f"PBRF responses, shard {shard + 1}/{num_shards}"
+        values = [response.value(int(plan.meta["indices"][u]))
+                  for u in tqdm(units, desc=desc, disable=None)]
+    finally:
+        torch.set_num_threads(previous_threads)
+    save_atomic({"key": plan.key, "units": torch.tensor(units, dtype=torch.long),
+                 "values": torch.stack(values) if values else torch.zeros(0),
+                 "solves": torch.tensor(response.solves, dtype=torch.float64)}, path)
+    return path
+
+
+def assemble(plan: gt.Plan, cache_dir: Path, num_shards: int) -> dict[str, Tensor]:
+    """``{"indices": [L], "effects": [L, Q]}``: the PBRF values of the chosen examples."""
+    payloads = [load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key)
+                for s in range(num_shards)]
+    if any(p is None for p in payloads):
+        raise gt.GroundTruthMissing("pbrf ground truth is incomplete")
+    units = torch.cat([p["units"] for p in payloads])
+    values = torch.cat([p["values"] for p in payloads if p["values"].numel()])
+    return {"indices": plan.meta["indices"], "effects": values[torch.argsort(units)]}
+
+
+def load_or_compute(problem: AttributionProblem, plan: gt.Plan, cache_dir: Path,
+                    options: gt.GroundTruthOptions) -> dict[str, Tensor]:
+    """The PBRF ground truth: from the cache (a complete split of any shard count), or
+    computed where ``options.on_missing`` allows."""
+    done = gt.complete_split(plan, cache_dir)
+    if done is not None:
+        return assemble(plan, cache_dir, done)
+    missing = gt.missing_shards(plan, cache_dir, options.num_shards)
+    if missing and options.on_missing == "error":
+        raise gt.GroundTruthMissing(
+            f"pbrf ground truth of task {plan.task_name} (this seed's model) is missing shards "
+            f"{missing} of {options.num_shards} (in {plan.directory(cache_dir)}). Compute them "
+            f"with: tda-bench -m stage=ground_truth task={plan.task_name} seed=<this seed> "
+            f"ground_truth.num_shards={options.num_shards} ground_truth.shard="
+            f"{','.join(map(str, missing))}, or set ground_truth.on_missing=compute."
+        )
+    for shard in missing:
+        compute_shard(problem, plan, cache_dir, shard, options.num_shards, options.num_threads)
+    return assemble(plan, cache_dir, options.num_shards)
