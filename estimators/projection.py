@@ -176,7 +176,9 @@ class Projector:
         Args:
             correct: an element-wise map of full gradients ``{layer: [B, o, i]}`` applied
                 before projecting, called one layer at a time (so that only one layer's
-                per-example gradients are in memory); only with ``structure="dense"``.
+                per-example gradients are in memory). With ``kronecker`` the corrected
+                gradient G is materialised and projected as R_oᵀ G R_a (the same numbers as
+                the factored path when there is no correction).
         """
         captured = self.engine.capture(fn, batch)
         if self.structure == "dense":  # one layer's per-example gradients at a time
@@ -186,10 +188,15 @@ class Projector:
                 parts.append(self._dense_part(n, (correct(grad) if correct else grad)[name]))
                 del grad
             return self._dense_total(parts)
-        if correct is not None:
-            raise ValueError("an element-wise gradient correction needs the dense projection; "
-                             "use projection structure 'dense'.")
         out = {}
+        if correct is not None:
+            for plan, (name, (a, g)) in zip(self.plans, captured.items(), strict=True):
+                grad = correct({name: _finite(name, torch.einsum("bto,bti->boi", g, a))})[name]
+                r_o, r_a = self._kron_factors(plan, a.device)
+                grad = grad.to(torch.float32)
+                grad = grad if r_a is None else grad @ r_a
+                out[name] = grad if r_o is None else r_o.T @ grad
+            return out
         for plan, (name, (a, g)) in zip(self.plans, captured.items(), strict=True):
             r_o, r_a = self._kron_factors(plan, a.device)
             a = a.to(torch.float32) if r_a is None else a.to(torch.float32) @ r_a

@@ -49,13 +49,15 @@ class TrackStar(GradientEstimator):
         max_hessian_dim: refuse an R larger than this (set ``projection_dim`` instead).
         **kwargs: :class:`~estimators.base.GradientEstimator` arguments (``projection_dim``,
             ``projection_kind``, ``projection_seed``, ``index_dir``, ``chunk_size``,
-            ``modules``). The projection is always dense.
+            ``modules``, ``projection_structure``: ``dense`` (default; accurate per
+            dimension, regenerates its P × d matrix per chunk) or ``kronecker`` (R_oᵀ G R_a per
+            layer on the corrected gradient; much cheaper, less accurate per dimension)).
     """
 
     def __init__(self, optimizer_correction: bool = True, epsilon: float = 1e-8,
                  hessian: str = "mixed", mix: float = 0.5, damping: float = 1e-3,
                  unit_norm: bool = True, max_hessian_dim: int = 20_000, **kwargs):
-        kwargs["projection_structure"] = "dense"
+        kwargs.setdefault("projection_structure", "dense")
         if kwargs.get("per_layer"):
             raise ValueError("trackstar mixes layers (projection, R); per_layer is not defined.")
         if kwargs.get("candidates"):

@@ -116,3 +116,23 @@ def test_clear_errors(tiny_mlp):
         TrackStar(**{**OFF, "hessian": "train", "max_hessian_dim": 10}).score(problem)
     with pytest.raises(ValueError, match="hessian"):
         TrackStar(hessian="fisher")
+
+
+def test_kronecker_projection_of_corrected_gradients(adam_problem):
+    from estimators.projection import Projector
+
+    problem = adam_problem[0]
+    engine = GradientEngine(problem.model)
+    projector = Projector(engine, 40, seed=5, structure="kronecker")
+    x, y = problem.train.tensors
+    batch = (x[:5], y[:5])
+    factored = projector.project(problem.train_loss, batch)
+    identity = projector.project(problem.train_loss, batch, correct=lambda grads: grads)
+    for name in factored:  # materialised R_oᵀ G R_a == the factored Σ_t (R_oᵀ g)(R_aᵀ a)ᵀ
+        torch.testing.assert_close(identity[name], factored[name], rtol=1e-4, atol=1e-6)
+    doubled = projector.project(problem.train_loss, batch,
+                                correct=lambda grads: {n: 2 * g for n, g in grads.items()})
+    for name in factored:
+        torch.testing.assert_close(doubled[name], 2 * factored[name], rtol=1e-4, atol=1e-6)
+    scores = TrackStar(projection_dim=40, projection_structure="kronecker").score(problem)
+    assert torch.isfinite(scores).all()
