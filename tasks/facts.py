@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from estimators.problem import AttributionProblem, Checkpoint
 from tasks import lm
-from tasks.base import Task, lightning_fit
+from tasks.base import lightning_fit
 from tasks.fact_world import generate
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def build_tokenizer(texts: list[str]):
                                    bos_token="<bos>", eos_token="<eos>")
 
 
-class Facts(Task):
+class Facts(lm.LMTask):
     """Fact tracing on a tiny LM (see module docstring).
 
     Args:
@@ -102,13 +102,6 @@ class Facts(Task):
         self.query_data = lm.encode_queries([q["prompt"] for q in self.world.queries],
                                             [q["target"] for q in self.world.queries], encode,
                                             tok.bos_token_id, self.max_length)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train_data)
 
     def build_model(self, seed: int) -> nn.Module:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from estimators.problem import AttributionProblem, Checkpoint
 from tasks import lm
-from tasks.base import Task
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
@@ -48,7 +47,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     return records
 
 
-class HFLM(Task):
+class HFLM(lm.LMTask):
     """A saved causal LM with a jsonl corpus and queries (see module docstring).
 
     Args:
@@ -99,13 +98,6 @@ class HFLM(Task):
         self.query_data = lm.encode_queries([q["prompt"] for q in self.queries],
                                             [q["target"] for q in self.queries], self._encode,
                                             bos, self.max_length)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train_data)
 
     def build_model(self, seed: int) -> nn.Module:
         from transformers import AutoModelForCausalLM

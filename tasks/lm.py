@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,8 +32,25 @@ from estimators.problem import (
     move_to,
     sample_categorical,
 )
+from tasks.base import Task
 
 Encode = Callable[[str], list[int]]
+
+
+class LMTask(Task):
+    """What every language-model task shares: a tokenizer, and the training documents and
+    queries encoded with it (``train_data``, ``query_data``: :class:`TokenDataset`)."""
+
+    tokenizer: Any
+    train_data: TokenDataset
+    query_data: TokenDataset
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_data)
 
 
 class TokenDataset(Dataset):
