@@ -120,8 +120,11 @@ def test_ground_truth_fan_out_then_estimator_sweep(shared):
     assert gt.returncode == 0, gt.stdout + gt.stderr
     gt_ids = _job_ids(shared / "gt")
     assert len(gt_ids) == 2 and set(_states(gt_ids).values()) == {"COMPLETED"}
-    shards = sorted(p.name for p in (shared / "cache").rglob("shard-*.pt"))
-    assert shards == ["shard-0000-of-0002.pt", "shard-0001-of-0002.pt"]
+    # per kind: the task's LDS shards, and the PBRF shards of the attributed model (seed 0)
+    shards = sorted(f"{p.parent.name.split('-')[0]}/{p.name}"
+                    for p in (shared / "cache").rglob("shard-*.pt"))
+    assert shards == ["lds/shard-0000-of-0002.pt", "lds/shard-0001-of-0002.pt",
+                      "pbrf/shard-0000-of-0002.pt", "pbrf/shard-0001-of-0002.pt"]
     fanned_out = time.perf_counter()
 
     sweep = _bench("-m", *_base(shared, "est", name, tiny), "estimator=grad_dot,grad_cos",
@@ -167,7 +170,8 @@ def test_cancelled_job_is_reported_and_a_rerun_completes_it(shared):
     assert f"job {victim} CANCELLED" in out, out
     assert "1 of 2 SLURM job(s) did not complete" in out, out
     assert _states([victim])[victim] == "CANCELLED"
-    shard_dir = next((shared / "cache").rglob("shard-0000-of-0002.pt")).parent
+    shard_dir = next(p for p in (shared / "cache").rglob("shard-0000-of-0002.pt")
+                     if p.parent.name.startswith("lds-")).parent
     assert not (shard_dir / "shard-0001-of-0002.pt").exists()
     assert not list(shard_dir.glob(".*.tmp")) or _temp_files_belong_to_dead_writers(shard_dir)
     kept = (shard_dir / "shard-0000-of-0002.pt").stat().st_mtime_ns
