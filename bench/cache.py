@@ -23,16 +23,16 @@ import io
 import json
 import logging
 import os
-import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from estimators.atomic import HOST, atomic_write
+
 log = logging.getLogger(__name__)
-_HOST = socket.gethostname().split(".")[0].replace(".", "-") or "host"
+_HOST = HOST  # temp files name their writer's host (estimators.atomic)
 
 
 def hash_key(spec: Any, length: int = 16) -> str:
@@ -50,17 +50,11 @@ def payload_bytes(payload: dict[str, Any]) -> bytes:
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Writes ``payload`` with ``torch.save`` to ``path`` atomically (deterministic bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = payload_bytes(payload)
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_directory(path.parent)
 
 

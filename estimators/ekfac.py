@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from estimators.atomic import atomic_write
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.problem import AttributionProblem, Batch, move_to
@@ -163,14 +163,8 @@ class FactorCache:
     def save(self, key: str, payload: dict) -> None:
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{key}.pt"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic_write(self.directory / f"{key}.pt") as tmp:
             torch.save({**payload, "key": key}, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class KFAC(GradientEstimator):

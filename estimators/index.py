@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from estimators.atomic import atomic_write
 from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem
 
@@ -90,10 +89,8 @@ class GradientIndex:
     def build(self, key: str, shape: tuple[int, int],
               chunks: Iterator[tuple[slice, Tensor]]) -> np.ndarray:
         """Writes the rows ``chunks`` yields (``(rows, [B, d])``) atomically; returns the map."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
-        try:
+        with atomic_write(path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
             written = 0
             for rows, values in chunks:
@@ -103,9 +100,6 @@ class GradientIndex:
                 raise RuntimeError(f"index got {written} rows, expected {shape[0]}")
             out.flush()
             del out
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return np.load(path, mmap_mode="r")
 
     def load_or_build(self, key: str, shape: tuple[int, int],
