@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +70,8 @@ def main() -> None:
              "the index), unit norm. Build = first scoring run with an empty index (encodes "
              f"the corpus and the task's {problem.n_queries} queries); new = "
              f"{args.new_queries} new queries scored against the stored index.", "",
-             "Command: `OMP_NUM_THREADS=1 python -m bench.trackstar_index`", "",
+             f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python -m "
+             f"bench.trackstar_index {' '.join(sys.argv[1:])}`", "",
              "| projection | build s | new queries s | ratio |", "|---|---|---|---|"]
     lines += [f"| {r['structure']} | {r['build']:.1f} | {r['new']:.1f} | "
               f"{r['new'] / r['build']:.3f} |" for r in rows]
