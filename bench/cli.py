@@ -88,7 +88,8 @@ def ground_truths(task: Task, cfg: DictConfig, options: gt.GroundTruthOptions) -
     """Every ground truth the task offers, from the cache or computed."""
     plans = [gt.plan(task, cfg.task_name, task_config(cfg), kind) for kind in task.ground_truths]
     overrides = ground_truth_overrides(cfg)
-    return {p.kind: gt.load_or_compute(task, p, Path(cfg.cache_dir), options, overrides)
+    return {p.kind: gt.load_or_compute(gt.retraining(task, p, options.vectorise), p,
+                                       Path(cfg.cache_dir), options, overrides)
             for p in plans}
 
 
@@ -121,14 +122,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         paths = []
         for kind in task.ground_truths:
             plan = gt.plan(task, cfg.task_name, task_config(cfg), kind)
-            paths.append(gt.compute_shard(task, plan, Path(cfg.cache_dir), options.shard,
-                                          options.num_shards, options.num_threads,
-                                          options.vectorise))
+            paths.append(gt.compute_shard(gt.retraining(task, plan, options.vectorise), plan,
+                                          Path(cfg.cache_dir), options.shard,
+                                          options.num_shards, options.num_threads))
         if getattr(task, "pbrf", None):  # depends on the attributed model, so on cfg.seed
             problem = task.problem(*trained_model(task, cfg, Path(cfg.cache_dir))).to(task.device)
-            paths.append(pbrf.compute_shard(
-                problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
-                Path(cfg.cache_dir), options.shard, options.num_shards, options.num_threads))
+            plan = pbrf.plan(task, cfg.task_name, task_config(cfg), problem)
+            paths.append(gt.compute_shard(pbrf.responses(problem, plan), plan,
+                                          Path(cfg.cache_dir), options.shard,
+                                          options.num_shards, options.num_threads))
         log.info("Ground-truth shard %d/%d written: %s", options.shard + 1, options.num_shards,
                  ", ".join(map(str, paths)))
         return {"stage": "ground_truth", "shards": [str(p) for p in paths]}
@@ -143,9 +145,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     problem.extra.setdefault("train_model", lambda seed: trained_model(
         task, cfg, Path(cfg.cache_dir), seed)[0].to(task.device))
     if getattr(task, "pbrf", None):  # depends on the attributed model, so on cfg.seed
-        truths["pbrf"] = pbrf.load_or_compute(
-            problem, pbrf.plan(task, cfg.task_name, task_config(cfg), problem),
-            Path(cfg.cache_dir), options)
+        plan = pbrf.plan(task, cfg.task_name, task_config(cfg), problem)
+        truths["pbrf"] = gt.load_or_compute(pbrf.responses(problem, plan), plan,
+                                            Path(cfg.cache_dir), options,
+                                            [*ground_truth_overrides(cfg), f"seed={cfg.seed}"])
     estimator = instantiate(cfg.estimator)
     if cfg.get("memory_budget_mb") and isinstance(estimator, GradientEstimator):
         estimator.fit_chunk_to_budget(problem, float(cfg.memory_budget_mb))

@@ -22,6 +22,7 @@ retraining so that every sharding gives the same numbers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,13 +162,34 @@ def _reference(task: Task) -> tuple[dict, torch.Tensor]:
     return model.state_dict(), task.measure_queries(model)
 
 
-def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shards: int,
-                  num_threads: int = 1, vectorise: bool = True,
-                  wait: bool = True) -> Path | None:
-    """Computes one shard (if not cached) and writes it atomically; returns its path.
+# The work of a shard: its units -> the payload's tensors (``values [U, Q]`` and any extra),
+# given a progress-bar label. LOO/LDS retrain (:func:`retraining`); PBRF solves responses.
+Work = Callable[[list[int], str], dict[str, torch.Tensor]]
 
-    ``vectorise`` trains the shard's models together when the task supports it
+
+def retraining(task: Task, plan: Plan, vectorise: bool = True) -> Work:
+    """The work of LOO/LDS shards: retrain ``task`` for each unit and measure the queries.
+
+    ``vectorise`` trains a shard's models together when the task supports it
     (:meth:`~tasks.base.Task.fit_many`); the result is the same either way.
+    """
+
+    def work(units: list[int], desc: str) -> dict[str, torch.Tensor]:
+        init, reference = _reference(task) if plan.kind == "loo" else (None, None)
+        values = _retrain_many(task, plan, units) if vectorise else None
+        if values is None:
+            values = [_retrain(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
+        out = {"values": torch.stack(values) if len(values) else torch.zeros(0)}
+        if reference is not None:
+            out["reference"] = reference
+        return out
+
+    return work
+
+
+def compute_shard(work: Work, plan: Plan, cache_dir: Path, shard: int, num_shards: int,
+                  num_threads: int = 1, wait: bool = True) -> Path | None:
+    """Computes one shard (if not cached) and writes it atomically; returns its path.
 
     The shard's lock is held while computing, so a concurrent job that needs the same shard
     waits for it (``wait=True``) instead of computing it again; with ``wait=False`` this
@@ -179,46 +201,34 @@ def compute_shard(task: Task, plan: Plan, cache_dir: Path, shard: int, num_shard
         return path
     with cache_lock(path, blocking=False) as locked:
         if locked:
-            return _compute_locked(task, plan, path, shard, num_shards, num_threads, vectorise)
+            return _compute_locked(work, plan, path, shard, num_shards, num_threads)
     if not wait:
         return None
     log.info("Waiting for %s shard %d/%d: another job is computing it (lock %s)", plan.kind,
              shard + 1, num_shards, lock_path(path))
     with cache_lock(path):
-        return _compute_locked(task, plan, path, shard, num_shards, num_threads, vectorise)
+        return _compute_locked(work, plan, path, shard, num_shards, num_threads)
 
 
-def _compute_locked(task: Task, plan: Plan, path: Path, shard: int, num_shards: int,
-                    num_threads: int, vectorise: bool) -> Path:
+def _compute_locked(work: Work, plan: Plan, path: Path, shard: int, num_shards: int,
+                    num_threads: int) -> Path:
     """Computes and writes a shard; the caller holds its lock."""
     if load_checked(path, plan.key) is not None:  # written while we waited for the lock
         log.info("%s shard %d/%d was computed by another job: %s", plan.kind, shard + 1,
                  num_shards, path)
         return path
-    log.info("Computing %s shard %d/%d (%d retrainings) into %s", plan.kind, shard + 1,
-             num_shards, len(plan.units[shard::num_shards]), path)
-    save_atomic(_compute_payload(task, plan, shard, num_shards, num_threads, vectorise), path)
-    return path
-
-
-def _compute_payload(task: Task, plan: Plan, shard: int, num_shards: int,
-                     num_threads: int, vectorise: bool) -> dict[str, torch.Tensor]:
     units = plan.units[shard::num_shards]
+    log.info("Computing %s shard %d/%d (%d units) into %s", plan.kind, shard + 1, num_shards,
+             len(units), path)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        init, reference = _reference(task) if plan.kind == "loo" else (None, None)
-        values = _retrain_many(task, plan, units) if vectorise else None
-        if values is None:
-            desc = f"{plan.kind.upper()} retraining, shard {shard + 1}/{num_shards}"
-            values = [_retrain(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
+        computed = work(units, f"{plan.kind.upper()}, shard {shard + 1}/{num_shards}")
     finally:
         torch.set_num_threads(previous_threads)
-    payload = {"key": plan.key, "units": torch.tensor(units, dtype=torch.long),
-               "values": torch.stack(values) if values else torch.zeros(0)}
-    if reference is not None:
-        payload["reference"] = reference
-    return payload
+    save_atomic({"key": plan.key, "units": torch.tensor(units, dtype=torch.long), **computed},
+                path)
+    return path
 
 
 def missing_shards(plan: Plan, cache_dir: Path, num_shards: int) -> list[int]:
@@ -233,7 +243,8 @@ def assemble(plan: Plan, cache_dir: Path, num_shards: int) -> dict[str, torch.Te
     Returns:
         for ``lds``: ``masks [M, N]``, ``values [M, K, Q]`` (per seed) and ``outputs [M, Q]``
         (seed-averaged); for ``loo``: ``indices [L]``, ``reference [Q]`` and
-        ``effects [L, Q]`` = f(θ) − f(θ₋ₘ).
+        ``effects [L, Q]`` = f(θ) − f(θ₋ₘ); for ``pbrf``: ``indices [L]`` and
+        ``effects [L, Q]`` = (f(θ*) − f(θˢ))/ε.
     """
     payloads = [load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key)
                 for s in range(num_shards)]
@@ -245,6 +256,8 @@ def assemble(plan: Plan, cache_dir: Path, num_shards: int) -> dict[str, torch.Te
     if plan.kind == "lds":
         per_seed = values.view(plan.spec["subsets"], plan.spec["seeds"], -1)
         return {"masks": plan.meta["masks"], "values": per_seed, "outputs": per_seed.mean(1)}
+    if plan.kind == "pbrf":
+        return {"indices": plan.meta["indices"], "effects": values}
     reference = payloads[0]["reference"]
     return {"indices": plan.meta["indices"], "reference": reference,
             "effects": reference[None, :] - values}
@@ -265,7 +278,7 @@ def shard_command(plan: Plan, num_shards: int, shards: list[int],
                      f"ground_truth.shard={','.join(map(str, shards))}"])
 
 
-def load_or_compute(task: Task, plan: Plan, cache_dir: Path, options: GroundTruthOptions,
+def load_or_compute(work: Work, plan: Plan, cache_dir: Path, options: GroundTruthOptions,
                     overrides: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The ground truth of ``plan``: from the cache (a complete split of any shard count), or
     computed where ``on_missing`` allows.
@@ -289,11 +302,9 @@ def load_or_compute(task: Task, plan: Plan, cache_dir: Path, options: GroundTrut
             "in this run."
         )
     held_elsewhere = [s for s in missing if compute_shard(
-        task, plan, cache_dir, s, num_shards, options.num_threads, options.vectorise,
-        wait=False) is None]
+        work, plan, cache_dir, s, num_shards, options.num_threads, wait=False) is None]
     for shard in held_elsewhere:
-        compute_shard(task, plan, cache_dir, shard, num_shards, options.num_threads,
-                      options.vectorise)
+        compute_shard(work, plan, cache_dir, shard, num_shards, options.num_threads)
     return assemble(plan, cache_dir, num_shards)
 
 

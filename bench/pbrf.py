@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -37,7 +36,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from bench import ground_truth as gt
-from bench.cache import hash_key, load_checked, save_atomic, sweep_stale_temp_files
+from bench.cache import hash_key
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem, Batch, move_to
@@ -157,56 +156,16 @@ class Response:
             return ((self.measure(self.theta + eps * delta) - self.f_s) / eps).cpu()
 
 
-def compute_shard(problem: AttributionProblem, plan: gt.Plan, cache_dir: Path, shard: int,
-                  num_shards: int, num_threads: int = 1) -> Path:
-    """Computes one PBRF shard (if not cached) and writes it atomically; returns its path."""
-    path = plan.shard_path(cache_dir, shard, num_shards)
-    sweep_stale_temp_files(path.parent)
-    if load_checked(path, plan.key) is not None:
-        return path
-    units = plan.units[shard::num_shards]
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+def responses(problem: AttributionProblem, plan: gt.Plan) -> gt.Work:
+    """The work of PBRF shards (:func:`bench.ground_truth.compute_shard`): one proximal
+    response per unit; the payload also records each solve's L-BFGS iterations and final
+    gradient (``solves [U, 2]``)."""
+
+    def work(units: list[int], desc: str) -> dict[str, Tensor]:
         response = Response(problem, plan.spec)
-        desc = f"PBRF responses, shard {shard + 1}/{num_shards}"
         values = [response.value(int(plan.meta["indices"][u]))
                   for u in tqdm(units, desc=desc, disable=None)]
-    finally:
-        torch.set_num_threads(previous_threads)
-    save_atomic({"key": plan.key, "units": torch.tensor(units, dtype=torch.long),
-                 "values": torch.stack(values) if values else torch.zeros(0),
-                 "solves": torch.tensor(response.solves, dtype=torch.float64)}, path)
-    return path
+        return {"values": torch.stack(values) if values else torch.zeros(0),
+                "solves": torch.tensor(response.solves, dtype=torch.float64)}
 
-
-def assemble(plan: gt.Plan, cache_dir: Path, num_shards: int) -> dict[str, Tensor]:
-    """``{"indices": [L], "effects": [L, Q]}``: the PBRF values of the chosen examples."""
-    payloads = [load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key)
-                for s in range(num_shards)]
-    if any(p is None for p in payloads):
-        raise gt.GroundTruthMissing("pbrf ground truth is incomplete")
-    units = torch.cat([p["units"] for p in payloads])
-    values = torch.cat([p["values"] for p in payloads if p["values"].numel()])
-    return {"indices": plan.meta["indices"], "effects": values[torch.argsort(units)]}
-
-
-def load_or_compute(problem: AttributionProblem, plan: gt.Plan, cache_dir: Path,
-                    options: gt.GroundTruthOptions) -> dict[str, Tensor]:
-    """The PBRF ground truth: from the cache (a complete split of any shard count), or
-    computed where ``options.on_missing`` allows."""
-    done = gt.complete_split(plan, cache_dir)
-    if done is not None:
-        return assemble(plan, cache_dir, done)
-    missing = gt.missing_shards(plan, cache_dir, options.num_shards)
-    if missing and options.on_missing == "error":
-        raise gt.GroundTruthMissing(
-            f"pbrf ground truth of task {plan.task_name} (this seed's model) is missing shards "
-            f"{missing} of {options.num_shards} (in {plan.directory(cache_dir)}). Compute them "
-            f"with: tda-bench -m stage=ground_truth task={plan.task_name} seed=<this seed> "
-            f"ground_truth.num_shards={options.num_shards} ground_truth.shard="
-            f"{','.join(map(str, missing))}, or set ground_truth.on_missing=compute."
-        )
-    for shard in missing:
-        compute_shard(problem, plan, cache_dir, shard, options.num_shards, options.num_threads)
-    return assemble(plan, cache_dir, options.num_shards)
+    return work

@@ -41,10 +41,10 @@ def test_shards_equal_the_unsharded_result(make_cfg, tmp_path):
     cfg = make_cfg("digits_mlp")
     task, plan = lds_plan(cfg)
     cache = Path(cfg.cache_dir)
-    gt.compute_shard(task, plan, cache, 0, 1)
+    gt.compute_shard(gt.retraining(task, plan), plan, cache, 0, 1)
     whole = gt.assemble(plan, cache, 1)
     for shard in range(3):
-        gt.compute_shard(task, plan, cache, shard, 3)
+        gt.compute_shard(gt.retraining(task, plan), plan, cache, shard, 3)
     sharded = gt.assemble(plan, cache, 3)
     torch.testing.assert_close(sharded["outputs"], whole["outputs"], rtol=1e-6, atol=0)
     assert whole["values"].shape == (8, 1, 12) and whole["masks"].shape == (8, 120)
@@ -54,10 +54,10 @@ def test_shards_equal_the_unsharded_result(make_cfg, tmp_path):
 def test_missing_shards_are_listed_with_the_command(make_cfg):
     cfg = make_cfg("digits_mlp")
     task, plan = lds_plan(cfg)
-    gt.compute_shard(task, plan, Path(cfg.cache_dir), 1, 3)
+    gt.compute_shard(gt.retraining(task, plan), plan, Path(cfg.cache_dir), 1, 3)
     options = gt.GroundTruthOptions(num_shards=3, on_missing="error")
     with pytest.raises(gt.GroundTruthMissing) as err:
-        gt.load_or_compute(task, plan, Path(cfg.cache_dir), options)
+        gt.load_or_compute(gt.retraining(task, plan), plan, Path(cfg.cache_dir), options)
     assert "missing shards [0, 2] of 3" in str(err.value)
     assert "stage=ground_truth task=digits_mlp ground_truth.num_shards=3" in str(err.value)
 
@@ -65,10 +65,11 @@ def test_missing_shards_are_listed_with_the_command(make_cfg):
 def test_corrupt_shard_is_detected_and_recomputed(make_cfg, caplog):
     cfg = make_cfg("digits_mlp")
     task, plan = lds_plan(cfg)
-    path = gt.compute_shard(task, plan, Path(cfg.cache_dir), 0, 1)
+    path = gt.compute_shard(gt.retraining(task, plan), plan, Path(cfg.cache_dir), 0, 1)
     good = torch.load(path, weights_only=True)["values"]
     path.write_bytes(path.read_bytes()[:100])  # truncated, as after a crash of a naive writer
-    again = gt.load_or_compute(task, plan, Path(cfg.cache_dir), gt.GroundTruthOptions())
+    again = gt.load_or_compute(gt.retraining(task, plan), plan, Path(cfg.cache_dir),
+                               gt.GroundTruthOptions())
     assert "corrupt" in caplog.text
     torch.testing.assert_close(again["values"].flatten(), good.flatten())
 

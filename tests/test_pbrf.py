@@ -29,7 +29,8 @@ def logreg():
 def test_pbrf_agrees_with_explicit_ggn(logreg, tmp_path):
     task, problem = logreg
     plan = pbrf.plan(task, "digits_logreg", {"n_train": 100}, problem)
-    truth = pbrf.load_or_compute(problem, plan, tmp_path, gt.GroundTruthOptions())
+    truth = gt.load_or_compute(pbrf.responses(problem, plan), plan, tmp_path,
+                               gt.GroundTruthOptions())
     explicit = Explicit(curvature="ggn", damping=SPEC["damping"])
     explicit.fit(problem)
     predicted = explicit.score(problem)[:, truth["indices"]].T.double()  # [L, Q]
@@ -46,16 +47,18 @@ def test_pbrf_cache_is_keyed_by_model_and_sharded(logreg, tmp_path):
     plan = pbrf.plan(task, "digits_logreg", {}, problem)
     options = gt.GroundTruthOptions(num_shards=2, shard=1)
     for shard in range(2):
-        pbrf.compute_shard(problem, plan, tmp_path, shard, 2)
-    sharded = pbrf.load_or_compute(problem, plan, tmp_path, options)
-    whole = pbrf.load_or_compute(problem, plan, tmp_path / "other", gt.GroundTruthOptions())
+        gt.compute_shard(pbrf.responses(problem, plan), plan, tmp_path, shard, 2)
+    sharded = gt.load_or_compute(pbrf.responses(problem, plan), plan, tmp_path, options)
+    whole = gt.load_or_compute(pbrf.responses(problem, plan), plan, tmp_path / "other",
+                               gt.GroundTruthOptions())
     assert torch.allclose(sharded["effects"], whole["effects"])
     other = task.build_model(1)  # another seed's model: another key
     problem_b = task.problem(other, [])
     assert pbrf.plan(task, "digits_logreg", {}, problem_b).key != plan.key
     with pytest.raises(gt.GroundTruthMissing, match="stage=ground_truth"):
-        pbrf.load_or_compute(problem_b, pbrf.plan(task, "digits_logreg", {}, problem_b),
-                             tmp_path, gt.GroundTruthOptions(on_missing="error"))
+        plan_b = pbrf.plan(task, "digits_logreg", {}, problem_b)
+        gt.load_or_compute(pbrf.responses(problem_b, plan_b), plan_b, tmp_path,
+                           gt.GroundTruthOptions(on_missing="error"))
 
 
 def test_stage_ground_truth_computes_this_seeds_pbrf_shard(make_cfg):

@@ -101,7 +101,7 @@ def test_killed_mid_shard_rerun_is_byte_identical(tmp_path, tiny_plan):
     task, plan = tiny_plan
     reference = tmp_path / "reference"
     for shard in range(2):
-        gt.compute_shard(task, plan, reference, shard, 2, vectorise=False)
+        gt.compute_shard(gt.retraining(task, plan, vectorise=False), plan, reference, shard, 2)
 
     cache_dir = tmp_path / "cache"
     cmd = _command(cache_dir, tmp_path / "runs", "stage=ground_truth",
@@ -144,7 +144,8 @@ def test_concurrent_jobs_compute_a_shard_once(tmp_path, tiny_plan):
     shard_dir = plan.directory(cache_dir)
     assert [p.name for p in shard_dir.glob("shard-*")] == ["shard-0001-of-0002.pt"]
     assert not list(shard_dir.glob(".*.tmp"))
-    reference = gt.compute_shard(task, plan, tmp_path / "reference", 1, 2, vectorise=False)
+    reference = gt.compute_shard(gt.retraining(task, plan, vectorise=False), plan,
+                                 tmp_path / "reference", 1, 2)
     assert shard_path.read_bytes() == reference.read_bytes()
 
 
@@ -170,14 +171,15 @@ def test_missing_shards_stop_with_the_list_and_command(tmp_path, capsys, monkeyp
 def test_an_incomplete_split_is_completed_and_any_split_gives_the_same_truth(tmp_path, tiny_plan):
     task, plan = tiny_plan
     cache_dir = tmp_path / "cache"
-    first = gt.compute_shard(task, plan, cache_dir, 0, 4)
+    work = gt.retraining(task, plan)
+    first = gt.compute_shard(work, plan, cache_dir, 0, 4)
     stamp = first.stat().st_mtime_ns
     with pytest.raises(gt.GroundTruthMissing, match=r"missing shards \[1, 2, 3\] of 4"):
-        gt.load_or_compute(task, plan, cache_dir, gt.GroundTruthOptions(on_missing="error"))
-    truth = gt.load_or_compute(task, plan, cache_dir, gt.GroundTruthOptions())  # 1 shard asked
+        gt.load_or_compute(work, plan, cache_dir, gt.GroundTruthOptions(on_missing="error"))
+    truth = gt.load_or_compute(work, plan, cache_dir, gt.GroundTruthOptions())  # 1 shard asked
     assert first.stat().st_mtime_ns == stamp  # finished shards are never redone
     assert sorted(p.name for p in plan.directory(cache_dir).glob("shard-*")) == [
         f"shard-{s:04d}-of-0004.pt" for s in range(4)]
-    whole = gt.load_or_compute(task, plan, tmp_path / "one-shard", gt.GroundTruthOptions())
+    whole = gt.load_or_compute(work, plan, tmp_path / "one-shard", gt.GroundTruthOptions())
     assert torch.equal(truth["values"], whole["values"]) and torch.equal(truth["masks"],
                                                                           whole["masks"])
