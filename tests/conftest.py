@@ -59,9 +59,9 @@ def make_cfg(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
-@pytest.fixture(scope="session")
-def tiny_mlp():
-    """``(problem, task)``: a trained float64 digits MLP (60 train, 6 queries, hidden 8)."""
+def float64_digits_mlp(**kwargs):
+    """A :class:`~tasks.digits_mlp.DigitsMLP` whose data, model and training are float64
+    (for closed-form comparisons); ``kwargs`` are the task's arguments."""
     from tasks.digits_mlp import DigitsMLP
 
     class DigitsMLP64(DigitsMLP):
@@ -71,7 +71,13 @@ def tiny_mlp():
         def build_model(self, seed):
             return super().build_model(seed).double()
 
-    task = DigitsMLP64(n_train=60, n_queries=6, hidden=[8], epochs=5, batch_size=16)
+    return DigitsMLP64(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp():
+    """``(problem, task)``: a trained float64 digits MLP (60 train, 6 queries, hidden 8)."""
+    task = float64_digits_mlp(n_train=60, n_queries=6, hidden=[8], epochs=5, batch_size=16)
     model = task.build_model(0)
     checkpoints = task.fit(model, seed=0)
     return task.problem(model, checkpoints), task

@@ -15,22 +15,15 @@ from estimators.grad_dot import GradDot
 from estimators.gradients import GradientEngine
 from estimators.projection import Projector, dense_project, random_matrix
 from estimators.tracin import TracIn, select_checkpoints
+from tests.conftest import float64_digits_mlp
 
 
 @pytest.fixture(scope="module")
 def mlp_with_checkpoints():
     """A float64 digits MLP trained 6 epochs at lr 0.1 with a checkpoint every 2 epochs."""
-    from tasks.digits_mlp import DigitsMLP
-
-    class DigitsMLP64(DigitsMLP):
-        dtype = torch.float64
-        precision = "64-true"
-
-        def build_model(self, seed):
-            return super().build_model(seed).double()
-
-    task = DigitsMLP64(n_train=48, n_queries=5, hidden=[8], epochs=6, batch_size=16,
-                       optim={"lr": 0.1, "momentum": 0.5}, checkpoints={"every_n_epochs": 2})
+    task = float64_digits_mlp(n_train=48, n_queries=5, hidden=[8], epochs=6, batch_size=16,
+                              optim={"lr": 0.1, "momentum": 0.5},
+                              checkpoints={"every_n_epochs": 2})
     model = task.build_model(0)
     checkpoints = task.fit(model, seed=0)
     return task.problem(model, checkpoints), task
