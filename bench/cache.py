@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from estimators.atomic import HOST, atomic_write
+from estimators.atomic import load_checked as load_checked  # re-exported for bench
 
 log = logging.getLogger(__name__)
 _HOST = HOST  # temp files name their writer's host (estimators.atomic)
@@ -98,24 +99,6 @@ def cache_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def load_checked(path: Path, key: str) -> dict[str, Any] | None:
-    """Loads a payload written by :func:`save_atomic` if it exists and carries ``key``.
-
-    A corrupt or foreign file is logged, removed, and reported as missing (None).
-    """
-    if not path.exists():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("key") != key:
-            raise ValueError(f"key mismatch (expected {key})")
-        return payload
-    except Exception as err:  # noqa: BLE001 - any unreadable file is treated the same way
-        log.warning("Cache file %s is corrupt (%s); deleting it and recomputing.", path, err)
-        path.unlink(missing_ok=True)
-        return None
 
 
 def sweep_stale_temp_files(directory: Path) -> int:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from estimators.atomic import atomic_write
+from estimators.atomic import atomic_write, load_checked
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.problem import AttributionProblem, Batch, move_to
@@ -148,17 +148,9 @@ class FactorCache:
         self.directory = Path(directory) if directory else None
 
     def load(self, key: str) -> dict | None:
-        if self.directory is None or not (path := self.directory / f"{key}.pt").exists():
+        if self.directory is None:
             return None
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if payload.get("key") != key:
-                raise ValueError("key mismatch")
-            return payload
-        except Exception as err:  # noqa: BLE001 - any unreadable file is refitted
-            log.warning("Factor cache %s is unreadable (%s); refitting.", path, err)
-            path.unlink(missing_ok=True)
-            return None
+        return load_checked(self.directory / f"{key}.pt", key)
 
     def save(self, key: str, payload: dict) -> None:
         if self.directory is None:
