@@ -24,20 +24,26 @@ class BuildLeaderboard(Callback):
         out: the folder the tables and plots go to (e.g. ``results/ekfac_vs_lissa``).
         plots: also draw the plots.
         bootstrap: bootstrap resamples of the confidence intervals.
+        compare: row pairs ``[A, B]`` whose paired difference A − B is reported
+            (:mod:`bench.paired`).
     """
 
-    def __init__(self, out: str, plots: bool = True, bootstrap: int = 2000):
+    def __init__(self, out: str, plots: bool = True, bootstrap: int = 2000,
+                 compare: list | None = None):
         self.out = Path(out)
         self.plots = bool(plots)
         self.bootstrap = int(bootstrap)
+        self.compare = [(str(a), str(b)) for a, b in (compare or [])]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from bench.leaderboard import build
 
         sweep_dir = Path(config.hydra.sweep.dir)
         argv = [str(sweep_dir), "--out", str(self.out)]
+        argv += [part for a, b in self.compare for part in ("--compare", a, b)]
         try:
-            build([sweep_dir], self.out, n_boot=self.bootstrap, plots=self.plots, argv=argv)
+            build([sweep_dir], self.out, n_boot=self.bootstrap, plots=self.plots, argv=argv,
+                  compare=self.compare)
         except (FileNotFoundError, ValueError) as err:
             log.error("No results table for %s: %s", sweep_dir, err)
             return

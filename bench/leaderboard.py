@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bench import leaderboard_tables as render
+from bench import paired
 from bench.leaderboard_tables import ACCURACY, CEILING, FLOOR, is_cost
 
 # Per-query columns named differently from their record key.
@@ -304,8 +305,12 @@ def expected_seeds(frame: pd.DataFrame, seeds: list[int] | None) -> dict[str, li
 
 def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
           n_boot: int = 2000, seed: int = 0, plots: bool = True,
-          argv: list[str] | None = None) -> pd.DataFrame:
+          argv: list[str] | None = None,
+          compare: list[paired.Comparison] | None = None) -> pd.DataFrame:
     """Builds the leaderboard of the records under ``directories`` into ``out``.
+
+    ``compare`` lists row pairs (A, B) whose paired difference A − B is reported
+    (:mod:`bench.paired`).
 
     Returns:
         the long table of cells (one row per task, estimator and metric).
@@ -318,6 +323,7 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     cells = aggregate(frame, metrics, expected_seeds(frame, seeds), n_boot, seed)
     if cells.empty:
         raise ValueError("the run records hold no metrics; were they written by tda-bench?")
+    diffs = paired.differences(frame, metrics, [tuple(c) for c in compare or []], n_boot, seed)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if plots:
@@ -327,7 +333,7 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     render.wide(cells).to_csv(out / "leaderboard.csv", index=False, float_format="%.6g",
                               lineterminator="\n")
     context = {"argv": argv, "n_boot": n_boot, "seed": seed, "runs": list(frame["run"]),
-               "plots": sorted(p.name for p in written)}
+               "plots": sorted(p.name for p in written), "paired": paired.section(diffs)}
     (out / "LEADERBOARD.md").write_text(render.markdown(cells, context))
     return cells
 
@@ -352,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bootstrap", type=int, default=2000, help="resamples (default 2000)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="default 0")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
+                        help="also report the paired difference of rows A and B (repeatable)")
     parser.add_argument("--wandb-project", default=None,
                         help="also log the table and plots as a W&B run named 'leaderboard' "
                              "(mode from WANDB_MODE, default offline)")
@@ -360,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else None
         build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
-              not args.no_plots, shown)
+              not args.no_plots, shown, args.compare)
     except (FileNotFoundError, ValueError) as err:
         print(f"tda-bench-leaderboard: error: {err}", file=sys.stderr)
         sys.exit(2)

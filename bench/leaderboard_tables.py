@@ -156,6 +156,7 @@ def markdown(cells: pd.DataFrame, context: dict[str, Any]) -> str:
         lines += ["No `random` records were found: the floor is missing.", ""]
     for task in sorted(cells["task"].unique()):
         lines += task_section(task, cells)
+    lines += context.get("paired") or []
     if context.get("plots"):
         lines += ["## Plots", "", *[f"- [{name}]({name})" for name in context["plots"]], ""]
     lines += provenance(runs)

@@ -182,3 +182,26 @@ def test_fact_tracing_records_use_their_query_sets(tmp_path):
     assert 0.5 <= by.loc["mrr", "lo"] < by.loc["mrr", "hi"] <= 1.0  # forward rows only
     assert 0.0 <= by.loc["flipped_mrr", "lo"] < by.loc["flipped_mrr", "hi"] <= 0.25
     assert by.loc["flipped_recall@10", "lo"] == by.loc["flipped_recall@10", "hi"] == 0.0
+
+
+def test_paired_differences_see_through_shared_query_noise(tmp_path):
+    """Two rows share a large per-query effect (the same queries are hard for both) and differ
+    by a small constant: the paired interval separates them although their own intervals
+    overlap, and its centre is the mean difference."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        shared = rng.standard_normal(40)
+        write_run(root, "t", "a", seed, shared + 0.05 + 0.01 * rng.standard_normal(40))
+        write_run(root, "t", "b", seed, shared + 0.01 * rng.standard_normal(40))
+    cells = lb.build([root], tmp_path / "out", n_boot=1000, plots=False,
+                     compare=[("a", "b"), ("b", "a")])
+    lds = cells[cells["metric"] == "lds"].set_index("estimator")
+    assert lds.loc["a", "lo"] < lds.loc["b", "hi"]  # unpaired: overlapping
+    md = (tmp_path / "out" / "LEADERBOARD.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| t | `")]
+    assert len(lines) == 2 and "A > B" in lines[0] and "A < B" in lines[1]
+    diff = float(lines[0].split(" | ")[6].split(" ")[0])
+    assert diff == pytest.approx(0.05, abs=0.01)
+    with pytest.raises(ValueError, match="no row named 'c'"):
+        lb.build([root], tmp_path / "out2", n_boot=10, plots=False, compare=[("a", "c")])
