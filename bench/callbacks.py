@@ -43,7 +43,7 @@ class BuildLeaderboard(Callback):
         argv += [part for a, b in self.compare for part in ("--compare", a, b)]
         try:
             build([sweep_dir], self.out, n_boot=self.bootstrap, plots=self.plots, argv=argv,
-                  compare=self.compare)
+                  compare=self.compare, strict=False)
         except (FileNotFoundError, ValueError) as err:
             log.error("No results table for %s: %s", sweep_dir, err)
             return

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from estimators.ekfac import EKFAC, KFAC
-from estimators.explicit import Explicit
+from estimators.explicit import Explicit, curvature_matrix
 from estimators.grad_dot import GradDot
 
 EXPLICIT_DAMPING = 1e-3
@@ -78,6 +78,44 @@ def damping_sweep(task_name: str, dampings: list[float]) -> list[str]:
     return lines
 
 
+def error_decomposition(task_name: str, seed: int) -> str:
+    """Splits EK-FAC's distance from ``explicit`` into its three approximations.
+
+    All at damping 1e-3, as Pearson correlations of score matrices: (1) the exact GGN made
+    block-diagonal per layer (what any layer-wise method can reach at best) against the full
+    GGN; (2) EK-FAC's Kronecker eigenbasis with *exact* eigenvalues diag(Qᵀ G_l Q) taken from
+    the block-diagonal GGN (no sampling) against (1); (3) EK-FAC as shipped (eigenvalues
+    re-fitted from sampled true-Fisher gradients) against (1). A table row.
+    """
+    problem = trained_problem(task_name, seed)
+    ekfac = EKFAC(seed=seed, damping=EXPLICIT_DAMPING, cache_dir=None)
+    engine = ekfac.engine(problem)
+    ggn = curvature_matrix(problem, engine, "ggn", 64)  # mean GGN + λ₂I, [P, P]
+    queries = engine.flatten(engine.all_gradients(problem, "queries", 256)).double()
+    train = engine.flatten(engine.all_gradients(problem, "train", 256)).double()
+    eye = torch.eye(ggn.shape[0], dtype=torch.float64)
+
+    def scores(curvature: torch.Tensor) -> torch.Tensor:
+        return -(torch.linalg.solve(curvature + EXPLICIT_DAMPING * eye, queries.T).T @ train.T)
+
+    ekfac.fit(problem)
+    block, eigenbasis_exact = torch.zeros_like(ggn), torch.zeros_like(ggn)
+    start = 0
+    for layer in engine.layers:
+        end = start + layer.shape[0] * layer.shape[1]
+        block[start:end, start:end] = ggn[start:end, start:end]
+        factors = ekfac.factors[layer.name]
+        basis = torch.kron(factors["q_s"], factors["q_a"])  # acts on row-major vec([o, i])
+        exact = torch.diagonal(basis.T @ ggn[start:end, start:end] @ basis)
+        eigenbasis_exact[start:end, start:end] = (basis * exact) @ basis.T
+        start = end
+    full, blockdiag = scores(ggn), scores(block)
+    shipped = ekfac.score(problem).double()
+    return (f"| {task_name} | {seed} | {pearson(blockdiag, full):.4f} | "
+            f"{pearson(scores(eigenbasis_exact), blockdiag):.4f} | "
+            f"{pearson(shipped, blockdiag):.4f} | {pearson(shipped, full):.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["digits_logreg", "digits_mlp"])
@@ -86,6 +124,7 @@ def main() -> None:
                         help="dampings of the matched-damping sweep on digits_logreg")
     parser.add_argument("--out", default="results/ekfac_vs_explicit.md")
     args = parser.parse_args()
+    decomposition = [error_decomposition(task, seed) for task in args.tasks for seed in args.seeds]
     rows = [row for task in args.tasks for seed in args.seeds for row in rows_for(task, seed)]
     lines = [
         "# K-FAC / EK-FAC vs the exact damped GGN inverse (`explicit`, damping 1e-3)",
@@ -107,6 +146,16 @@ def main() -> None:
         lines += ["", "## Same damping on both sides (digits_logreg, seed 0)", "",
                   "| task | damping | grad_dot | kfac | ekfac |", "|---|---|---|---|---|",
                   *damping_sweep("digits_logreg", args.sweep)]
+    lines += ["", "## Where the distance comes from (damping 1e-3)", "",
+              "Pearson correlations of score matrices. *block-diagonal* = the exact GGN with its",
+              "cross-layer blocks zeroed (the best any layer-wise method can do), against the full",
+              "GGN; *exact eigenvalues* = EK-FAC's Kronecker eigenbasis Q_S ⊗ Q_A with the exact",
+              "eigenvalues diag(Qᵀ G_l Q) of the block-diagonal GGN (no Fisher sampling), against",
+              "the block-diagonal GGN; *EK-FAC* = as shipped (sampled true-Fisher eigenvalues).",
+              "",
+              "| task | seed | block-diagonal vs full | exact eigenvalues vs block-diagonal | "
+              "EK-FAC vs block-diagonal | EK-FAC vs full |",
+              "|---|---|---|---|---|---|", *decomposition]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -306,11 +306,11 @@ def expected_seeds(frame: pd.DataFrame, seeds: list[int] | None) -> dict[str, li
 def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
           n_boot: int = 2000, seed: int = 0, plots: bool = True,
           argv: list[str] | None = None,
-          compare: list[paired.Comparison] | None = None) -> pd.DataFrame:
+          compare: list[paired.Comparison] | None = None, strict: bool = True) -> pd.DataFrame:
     """Builds the leaderboard of the records under ``directories`` into ``out``.
 
     ``compare`` lists row pairs (A, B) whose paired difference A − B is reported
-    (:mod:`bench.paired`).
+    (:mod:`bench.paired`); with ``strict=False`` a pair whose rows are absent is skipped.
 
     Returns:
         the long table of cells (one row per task, estimator and metric).
@@ -323,7 +323,8 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     cells = aggregate(frame, metrics, expected_seeds(frame, seeds), n_boot, seed)
     if cells.empty:
         raise ValueError("the run records hold no metrics; were they written by tda-bench?")
-    diffs = paired.differences(frame, metrics, [tuple(c) for c in compare or []], n_boot, seed)
+    diffs = paired.differences(frame, metrics, [tuple(c) for c in compare or []], n_boot, seed,
+                                strict)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if plots:

@@ -13,6 +13,8 @@ d (resampling seeds and, jointly for all seeds, queries). This is the test of Gr
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 
@@ -27,24 +29,31 @@ def _per_seed(frame: pd.DataFrame, task: str, estimator: str) -> dict[int, objec
 
 
 def differences(frame: pd.DataFrame, metrics: list[str], compare: list[Comparison],
-                n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+                n_boot: int = 2000, seed: int = 0, strict: bool = True) -> pd.DataFrame:
     """One row per (task, A, B, accuracy metric) with both rows present on common seeds.
 
     Columns: ``task, a, b, metric, a_mean, b_mean, diff, lo, hi, seeds`` where ``diff`` is
     the mean over common seeds of (A's metric − B's) and ``lo``/``hi`` the 95 % paired
-    bootstrap interval of that difference.
+    bootstrap interval of that difference. A pair naming a row that is absent raises
+    ``ValueError`` when ``strict``, else it is skipped with a warning (a shrunk sweep).
     """
     from bench.leaderboard import bootstrap_interval, cell_seed, per_seed_values
 
     known = set(frame["estimator"])
+    present = []
     for a, b in compare:
-        for name in (a, b):
-            if name not in known:
-                raise ValueError(f"--compare: no row named {name!r}; rows are: "
-                                 f"{', '.join(sorted(known))}")
+        absent = [name for name in (a, b) if name not in known]
+        if not absent:
+            present.append((a, b))
+            continue
+        message = (f"--compare: no row named {absent[0]!r}; rows are: "
+                   f"{', '.join(sorted(known))}")
+        if strict:
+            raise ValueError(message)
+        print(f"tda-bench-leaderboard: warning: {message}", file=sys.stderr)
     rows = []
     for task in sorted(frame["task"].unique()):
-        for a, b in compare:
+        for a, b in present:
             runs_a, runs_b = _per_seed(frame, task, a), _per_seed(frame, task, b)
             seeds = sorted(set(runs_a) & set(runs_b))
             if not seeds:

@@ -43,7 +43,7 @@ def test_experiment_runs_end_to_end_shrunk(name, tmp_path):
     params = sweep_params(name)
     task = params["task"][-1]  # the fact task where there is one: the costlier path
     first = {k: (task if k == "task" else v[0]) for k, v in params.items()}
-    one_job = ["hydra.sweeper.params={" + ",".join(f"{k}:{v}" for k, v in first.items()) + "}"]
+    one_job = ["hydra.sweeper.params={" + ",".join(f"{k}:'{v}'" for k, v in first.items()) + "}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", f"experiment={name}", f"task={task}", *one_job, *TINY[task],
