@@ -72,10 +72,17 @@ def parse_overrides(command: str) -> dict[str, str]:
     return out
 
 
+def _canonical(value: str) -> str:
+    """One spelling per YAML constant (a sweep writes ``True``, a user types ``true``)."""
+    lowered = value.lower()
+    return {"none": "null", "~": "null"}.get(lowered, lowered) if lowered in (
+        "true", "false", "null", "none", "~") else value
+
+
 def _variant(name: str, overrides: dict[str, str], group: str) -> str:
     """``name[k=v,...]`` from the ``{group}.*`` overrides (``name`` when there are none),
-    leaving out the :data:`SAME_SCORES` keys."""
-    extra = sorted((k[len(group) + 1:], v) for k, v in overrides.items()
+    leaving out the :data:`SAME_SCORES` keys; booleans and null spelled in lower case."""
+    extra = sorted((k[len(group) + 1:], _canonical(v)) for k, v in overrides.items()
                    if k.startswith(group + ".") and k not in SAME_SCORES)
     return name + ("[" + ",".join(f"{k}={v}" for k, v in extra) + "]" if extra else "")
 

@@ -205,3 +205,14 @@ def test_paired_differences_see_through_shared_query_noise(tmp_path):
     assert diff == pytest.approx(0.05, abs=0.01)
     with pytest.raises(ValueError, match="no row named 'c'"):
         lb.build([root], tmp_path / "out2", n_boot=10, plots=False, compare=[("a", "c")])
+
+
+def test_row_labels_spell_constants_one_way(tmp_path):
+    """A sweep records ``True``/``None``, a user types ``true``/``null``: one row."""
+    root = tmp_path / "runs"
+    for seed, (flag, dim) in enumerate((("True", "None"), ("true", "null"))):
+        write_run(root, "t", "e", seed, [0.5, 0.6],
+                  command=f"tda-bench task=t estimator=e estimator.unit_norm={flag} "
+                          f"estimator.projection_dim={dim} seed={seed}")
+    frame = lb.label_runs(lb.collect([root]))
+    assert set(frame["estimator"]) == {"e[projection_dim=null,unit_norm=true]"}
