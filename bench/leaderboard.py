@@ -368,11 +368,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
                         help="also report the paired difference of rows A and B (repeatable)")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="first copy the records (metrics.json, per_query.csv, error.json) "
+                             "into this folder and build from the copy, e.g. to commit them")
     parser.add_argument("--wandb-project", default=None,
                         help="also log the table and plots as a W&B run named 'leaderboard' "
                              "(mode from WANDB_MODE, default offline)")
     args = parser.parse_args(argv)
     shown = list(sys.argv[1:] if argv is None else argv)
+    if args.archive:
+        from bench.record import archive
+
+        print(f"archived {archive(args.dirs, args.archive)} run folders into {args.archive}")
+        shown = [str(args.archive), *_without_sources(shown, args.dirs)]
+        args.dirs = [args.archive]
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else None
         build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
@@ -383,6 +392,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'leaderboard.csv'}")
     if args.wandb_project:
         log_to_wandb(args.out, args.wandb_project)
+
+
+def _without_sources(argv: list[str], dirs: list[Path]) -> list[str]:
+    """``argv`` less the record folders and the ``--archive`` option: the rebuild command."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--archive":
+            skip = True
+        elif not token.startswith("--archive=") and token not in {str(d) for d in dirs}:
+            out.append(token)
+    return out
 
 
 def log_to_wandb(out: Path, project: str) -> None:

@@ -128,3 +128,26 @@ def write_layer_scores(out_dir: Path, estimator: Any, problem: Any) -> None:
     torch.save({"layer_scores": layer_scores, "layers": list(names),
                 "query_types": None if types is None else [str(t) for t in types]},
                out_dir / "layer_scores.pt")
+
+
+ARCHIVED = ("metrics.json", "per_query.csv", "error.json")  # not scores.pt: large, rebuildable
+
+
+def archive(directories: list[Path], dest: Path) -> int:
+    """Copies the run records under ``directories`` into ``dest`` (for committing them).
+
+    Keeps :data:`ARCHIVED` files only, at ``dest/<directory name>/<path inside it>``, so a
+    leaderboard built from ``dest`` equals one built from the originals. Returns the number
+    of run folders copied.
+    """
+    import shutil
+
+    copied = set()
+    for directory in map(Path, directories):
+        for name in ARCHIVED:
+            for path in sorted(directory.rglob(name)):
+                target = dest / directory.name / path.relative_to(directory)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                copied.add(target.parent)
+    return len(copied)

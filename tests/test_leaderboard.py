@@ -216,3 +216,19 @@ def test_row_labels_spell_constants_one_way(tmp_path):
                           f"estimator.projection_dim={dim} seed={seed}")
     frame = lb.label_runs(lb.collect([root]))
     assert set(frame["estimator"]) == {"e[projection_dim=null,unit_norm=true]"}
+
+
+def test_archive_copies_records_and_rebuilds_identically(records, tmp_path, monkeypatch):
+    root, _ = records
+    (root / "t_bad_seed0" / "scores.pt").write_bytes(b"large")
+    monkeypatch.chdir(tmp_path)
+    lb.main(["runs", "--out", "a", "--no-plots", "--bootstrap", "50"])
+    lb.main(["runs", "--out", "b", "--no-plots", "--bootstrap", "50", "--archive", "kept"])
+    assert not list((tmp_path / "kept").rglob("scores.pt"))
+    assert len(list((tmp_path / "kept" / "runs").rglob("metrics.json"))) == 8
+    built = (tmp_path / "b" / "LEADERBOARD.md").read_text()
+    assert "tda-bench-leaderboard kept --out b --no-plots --bootstrap 50`" in built
+    lb.main(["kept", "--out", "c", "--no-plots", "--bootstrap", "50"])
+    assert (tmp_path / "c" / "leaderboard.csv").read_bytes() == (
+        tmp_path / "a" / "leaderboard.csv").read_bytes()
+    assert (tmp_path / "c" / "LEADERBOARD.md").read_text().replace("--out c", "--out b") == built
