@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'leaderboard.csv'}")
     if args.wandb_project:
-        log_to_wandb(args.out, args.wandb_project)
+        from bench.loggers import log_leaderboard
+
+        log_leaderboard(args.out, args.wandb_project)
 
 
 def _without_sources(argv: list[str], dirs: list[Path]) -> list[str]:
@@ -405,27 +407,6 @@ def _without_sources(argv: list[str], dirs: list[Path]) -> list[str]:
         elif not token.startswith("--archive=") and token not in {str(d) for d in dirs}:
             out.append(token)
     return out
-
-
-def log_to_wandb(out: Path, project: str) -> None:
-    """Logs ``leaderboard.csv`` as the table ``leaderboard`` and the PNGs of ``out`` as
-    images ``plots/<name>`` to one W&B run (job type ``leaderboard``), written under
-    ``$WANDB_DIR`` (default: the working directory), never inside ``out``."""
-    import os
-
-    import wandb
-
-    table = pd.read_csv(out / "leaderboard.csv", keep_default_na=False)
-    run = wandb.init(project=project, name="leaderboard", job_type="leaderboard",
-                     mode=os.environ.get("WANDB_MODE", "offline"),
-                     dir=os.environ.get("WANDB_DIR", os.getcwd()),
-                     settings=wandb.Settings(console="off", silent=True))
-    try:
-        payload = {"leaderboard": wandb.Table(dataframe=table.astype(str))}
-        payload.update({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))})
-        run.log(payload)
-    finally:
-        run.finish()
 
 
 if __name__ == "__main__":
