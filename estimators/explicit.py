@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from estimators.base import GradientEstimator, check_positive
@@ -40,12 +41,16 @@ class _Outputs(nn.Module):
 
 
 def functional_outputs(problem: AttributionProblem, engine: GradientEngine):
-    """``θ [P], batch -> outputs``: the model's outputs as a function of the tracked θ."""
+    """``θ [P], batch -> outputs``: the model's outputs as a function of the tracked θ
+    (transformers' attention through SDPA's math backend, which is twice differentiable)."""
     wrapper = _Outputs(problem.model, problem.outputs)
 
     def outputs(theta: Tensor, batch: Batch) -> Tensor:
         params = {f"model.{k}": v for k, v in engine.as_named_parameters(theta).items()}
-        return functional_call(wrapper, params, (batch,))
+        # Curvature products differentiate twice, partly in forward mode; the fused attention
+        # kernels (flash, memory-efficient) support neither, the math backend both.
+        with sdpa_kernel(SDPBackend.MATH):
+            return functional_call(wrapper, params, (batch,))
 
     return outputs
 
