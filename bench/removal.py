@@ -53,6 +53,7 @@ from tasks.base import Task
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout or meaning of removal files changes
+NOT_TRAINING = ("checkpoints", "lds", "loo", "pbrf")  # task config keys left out of the key
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def plan(task: Task, task_name: str, task_cfg: dict, kind: str, removed: Tensor,
         spec: the settings that determine the models (``seeds`` K, ``k``, ...).
     """
     full_first = kind == "removal_random"
-    task_cfg = {k: v for k, v in task_cfg.items() if k != "checkpoints"}
+    # Neither the other ground truths' settings nor recorded checkpoints change retraining.
+    task_cfg = {k: v for k, v in task_cfg.items() if k not in NOT_TRAINING}
     spec = {**spec, "full_first": full_first}
     identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
                 "version": task.VERSION, "kind": kind, "spec": spec, "format": FORMAT,
