@@ -3,6 +3,8 @@ vectorised vs sequential retraining, and a ranking that beats random removal."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -129,7 +131,7 @@ def test_cli_records_removal_metrics(make_cfg):
                    "removal.seeds=1", "removal.n_queries=3", "removal.fraction=0.05")
     record = run(cfg)
     assert record["removal_k"] == 6 and record["removal_queries"] == 3
-    assert record["removal_drop"] == pytest.approx(record["removal_drop"])  # finite
+    assert math.isfinite(record["removal_drop"]) and math.isfinite(record["removal_drop_random"])
     frame = pd.read_csv(f"{cfg.hydra.runtime.output_dir}/per_query.csv")
     assert frame["removal_drop"].notna().sum() == 3
     assert frame["removal_drop"][:3].mean() == pytest.approx(record["removal_drop"])
