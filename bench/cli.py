@@ -174,6 +174,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(mislabel(estimator, problem, cfg.estimator_name))
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted,
                    peak_rss_mb=peak_rss_mb())
+    # Counterfactual removal (opt-in), after peak_rss_mb so that it measures fit + score only.
+    if cfg.get("removal") and cfg.removal.get("enabled"):
+        from bench.removal import RemovalOptions, removal_metrics
+        removal, removal_per_query = removal_metrics(
+            task, cfg.task_name, task_config(cfg), scores, RemovalOptions(**cfg.removal),
+            Path(cfg.cache_dir), options)
+        metrics.update(removal)
+        per_query.update(removal_per_query)
     ceiling = lds_ceiling(truths["lds"]["values"]) if "lds" in truths else None
     if ceiling is not None:
         metrics["lds_ceiling"] = ceiling  # the LDS noise ceiling (split-half over GT seeds)
@@ -218,7 +226,8 @@ def command_line() -> str:
 
 def print_table(record: dict[str, Any], out_dir: Path) -> None:
     keys = ["lds", "lds_sem", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman",
-            "mislabel_auc", "mislabel_recall@10pct", "mislabel_recall@20pct", "fit_seconds",
+            "mislabel_auc", "mislabel_recall@10pct", "mislabel_recall@20pct", "removal_drop",
+            "removal_drop_random", "fit_seconds",
             "score_seconds", "peak_rss_mb"]
     keys[6:6] = [k for k in record if k.startswith(("mrr", "recall@", "tail_patch", "proponent_",
                                                     "flipped_", "query_accuracy"))]

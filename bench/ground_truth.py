@@ -244,7 +244,8 @@ def assemble(plan: Plan, cache_dir: Path, num_shards: int) -> dict[str, torch.Te
         for ``lds``: ``masks [M, N]``, ``values [M, K, Q]`` (per seed) and ``outputs [M, Q]``
         (seed-averaged); for ``loo``: ``indices [L]``, ``reference [Q]`` and
         ``effects [L, Q]`` = f(θ) − f(θ₋ₘ); for ``pbrf``: ``indices [L]`` and
-        ``effects [L, Q]`` = (f(θ*) − f(θˢ))/ε.
+        ``effects [L, Q]`` = (f(θ*) − f(θˢ))/ε; for ``removal*`` (:mod:`bench.removal`):
+        ``removed [S, k]`` and ``values [U, Q]``.
     """
     payloads = [load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key)
                 for s in range(num_shards)]
@@ -258,6 +259,8 @@ def assemble(plan: Plan, cache_dir: Path, num_shards: int) -> dict[str, torch.Te
         return {"masks": plan.meta["masks"], "values": per_seed, "outputs": per_seed.mean(1)}
     if plan.kind == "pbrf":
         return {"indices": plan.meta["indices"], "effects": values}
+    if plan.kind.startswith("removal"):  # bench.removal: per-unit measurements [U, Q]
+        return {**plan.meta, "values": values}
     reference = payloads[0]["reference"]
     return {"indices": plan.meta["indices"], "reference": reference,
             "effects": reference[None, :] - values}
