@@ -112,6 +112,10 @@ def ground_truth_overrides(cfg: DictConfig) -> list[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one benchmark job and returns its record (also written to the run directory)."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    pair = f"{cfg.task_name}/{cfg.estimator_name}"
+    if pair in (cfg.get("skip") or {}):
+        raise ValueError(f"{pair} is skipped by this sweep: {cfg.skip[pair]} (remove it from "
+                         "`skip` to run it)")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(cfg.seed)

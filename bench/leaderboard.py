@@ -41,6 +41,7 @@ import pandas as pd
 from bench import leaderboard_tables as render
 from bench import paired
 from bench.leaderboard_tables import ACCURACY, CEILING, FLOOR, is_cost
+from bench.record import read_errors
 
 # Per-query columns named differently from their record key.
 COLUMN_ALIASES = {"mrr": "rr"}
@@ -330,6 +331,7 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     cells = aggregate(frame, metrics, expected_seeds(frame, seeds), n_boot, seed)
     if cells.empty:
         raise ValueError("the run records hold no metrics; were they written by tda-bench?")
+    not_run = read_errors(directories)
     diffs = paired.differences(frame, metrics, [tuple(c) for c in compare or []], n_boot, seed,
                                 strict)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +343,8 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     render.wide(cells).to_csv(out / "leaderboard.csv", index=False, float_format="%.6g",
                               lineterminator="\n")
     context = {"argv": argv, "n_boot": n_boot, "seed": seed, "runs": list(frame["run"]),
-               "plots": sorted(p.name for p in written), "paired": paired.section(diffs)}
+               "plots": sorted(p.name for p in written), "paired": paired.section(diffs),
+               "not_run": not_run}
     (out / "LEADERBOARD.md").write_text(render.markdown(cells, context))
     return cells
 

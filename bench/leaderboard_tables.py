@@ -157,6 +157,14 @@ def markdown(cells: pd.DataFrame, context: dict[str, Any]) -> str:
     for task in sorted(cells["task"].unique()):
         lines += task_section(task, cells)
     lines += context.get("paired") or []
+    not_run = context.get("not_run")
+    if not_run is not None and not not_run.empty:
+        lines += ["## Not run", "", "Jobs of the sweep that left `error.json` instead of a "
+                  "record: the pair does not apply, or the sweep skips it (`skip:`).", "",
+                  _md_row(["task", "estimator", "seeds", "why"]), "|---|---|---|---|"]
+        lines += [_md_row([r["task"], r["estimator"], r["seeds"], r["error"]])
+                  for _, r in not_run.iterrows()]
+        lines.append("")
     if context.get("plots"):
         lines += ["## Plots", "", *[f"- [{name}]({name})" for name in context["plots"]], ""]
     lines += provenance(runs)

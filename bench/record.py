@@ -151,3 +151,17 @@ def archive(directories: list[Path], dest: Path) -> int:
                 shutil.copyfile(path, target)
                 copied.add(target.parent)
     return len(copied)
+
+
+def read_errors(directories: list[Path]) -> pd.DataFrame:
+    """The jobs that left ``error.json`` instead of a record (refused or skipped pairs):
+    columns ``task, estimator, seeds, error``, one row per distinct reason."""
+    rows = [json.loads(p.read_text()) for d in directories
+            for p in sorted(Path(d).rglob("error.json"))]
+    frame = pd.DataFrame(rows, columns=["task", "estimator", "seed", "error"])
+    if frame.empty:
+        return frame.rename(columns={"seed": "seeds"})
+    frame["error"] = frame["error"].str.replace(r"\s+", " ", regex=True)
+    grouped = frame.groupby(["task", "estimator", "error"], sort=True)["seed"]
+    return grouped.apply(lambda s: ",".join(map(str, sorted(set(s))))).reset_index().rename(
+        columns={"seed": "seeds"})[["task", "estimator", "seeds", "error"]]

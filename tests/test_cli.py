@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
 from bench.cli import CONF_DIR, run
+from bench.leaderboard import build
 from tests.conftest import TINY
 
 ESTIMATORS = sorted(p.stem for p in Path(CONF_DIR, "estimator").glob("*.yaml"))
@@ -134,11 +135,20 @@ def test_user_errors_are_one_sentence_not_a_traceback(tmp_path):
 
 
 def test_a_failing_job_of_a_sweep_records_its_error_and_the_sweep_goes_on(tmp_path):
+    """bm25 refuses a task without text, random is skipped by the sweep's ``skip``; both
+    leave error.json, grad_dot still runs, and the leaderboard lists the two under Not run."""
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "task=digits_mlp", "estimator=bm25,grad_dot", "logger=none",
+    proc = cli("-m", "task=digits_mlp", "estimator=bm25,grad_dot,random", "logger=none",
+               "skip={digits_mlp/random:not wanted here}",
                f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
                *TINY["digits_mlp"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    errors = list(sweep.rglob("error.json"))
-    assert len(errors) == 1 and "text" in json.loads(errors[0].read_text())["error"]
+    errors = {json.loads(p.read_text())["estimator"]: json.loads(p.read_text())["error"]
+              for p in sweep.rglob("error.json")}
+    assert set(errors) == {"bm25", "random"} and "text" in errors["bm25"]
+    assert "digits_mlp/random is skipped by this sweep: not wanted here" in errors["random"]
     assert len(list(sweep.rglob("metrics.json"))) == 1  # grad_dot still ran
+    build([sweep], tmp_path / "out", n_boot=10, plots=False)
+    table = (tmp_path / "out" / "LEADERBOARD.md").read_text().split("## Not run")[1]
+    assert "| digits_mlp | random | 0 | digits_mlp/random is skipped" in table
+    assert "| digits_mlp | bm25 | 0 |" in table
