@@ -72,7 +72,7 @@ def full_products(problem: AttributionProblem, engine: GradientEngine, kind: str
 
     def full(vectors: Tensor) -> Tensor:
         total = sum(products(vectors, b) for b in batches)
-        return total / problem.n_train + problem.l2 * vectors.to(total)
+        return (total / problem.n_train + problem.l2 * vectors.to(total)).detach()
 
     return full
 
