@@ -5,7 +5,7 @@ gradients plus a pass over the d-dimensional index. This script builds the index
 `facts` corpus (timing it), then scores 10 new queries against it (timing that), for each
 projection structure, and writes ``results/trackstar_index.md``.
 
-    OMP_NUM_THREADS=1 python -m bench.trackstar_index [--structures dense kronecker]
+    OMP_NUM_THREADS=1 python -m bench.trackstar_index num_threads=1 [--structures kronecker dense]
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def measure(problem, structure: str, dim: int, n_new: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--structures", nargs="+", default=["dense", "kronecker"])
-    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--structures", nargs="+", default=["kronecker"],
+                        help="kronecker (the default) and/or dense (slow on facts)")
+    parser.add_argument("--dim", type=int, default=4096, help="projection_dim (default 4096)")
     parser.add_argument("--new-queries", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("results/trackstar_index.md"))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. num_threads=1")
@@ -67,7 +68,9 @@ def main() -> None:
     lines = ["# TrackStar: scoring new queries against a built index (`facts`)", "",
              f"Training corpus {problem.n_train} documents; index of d = {args.dim} encodings "
              "(optimizer-corrected, projected); `hessian: mixed` (R from the new queries and "
-             "the index), unit norm. Build = first scoring run with an empty index (encodes "
+             "the index: R_train's eigenbasis and the rotated encodings are built with the "
+             "index, the queries enter by the Woodbury identity), unit norm. Build = first "
+             "scoring run with an empty index (encodes "
              f"the corpus and the task's {problem.n_queries} queries); new = "
              f"{args.new_queries} new queries scored against the stored index.", "",
              f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python -m "

@@ -195,16 +195,24 @@ class GradientEstimator(Estimator):
         finally:
             problem.model.train(was_training)
 
+    def index_key(self, problem: AttributionProblem, engine: GradientEngine,
+                  projector: Projector | None, which: str = "train") -> str | None:
+        """The gradient index's key for these training gradients (None: no index is kept,
+        because gradients are exact or ``index_dir`` is null)."""
+        if projector is None or self.index_dir is None:
+            return None
+        spec = {"projection": projector.describe(), "modules": self.modules, "fn": which,
+                "dtype": "float32", "correction": self.correction_spec()}
+        return fingerprint(problem, engine, spec)
+
     def training_gradients(self, problem: AttributionProblem, engine: GradientEngine,
                            projector: Projector | None,
                            which: str = "train") -> Iterator[tuple[slice, LayerGrads]]:
         """Training-set gradients, read from the on-disk index when there is one."""
-        if projector is None or self.index_dir is None:
+        key = self.index_key(problem, engine, projector, which)
+        if key is None:
             yield from self.gradient_stream(problem, engine, projector, which, "train")
             return
-        spec = {"projection": projector.describe(), "modules": self.modules, "fn": which,
-                "dtype": "float32", "correction": self.correction_spec()}
-        key = fingerprint(problem, engine, spec)
         flat = ((rows, projector.flatten(g))
                 for rows, g in self.gradient_stream(problem, engine, projector, which, "train"))
         array = GradientIndex(self.index_dir).load_or_build(

@@ -9,28 +9,34 @@ with the switches
 
 * ``optimizer_correction``: divide the gradient element-wise by √(v̂ + ε), v̂ the
   (bias-corrected) Adam second moment of the final training checkpoint;
-* ``projection_dim``: P, the shared seeded random projection (:mod:`estimators.projection`;
-  dense, because the correction acts element-wise before it);
+* ``projection_dim``: P, the shared seeded random projection (:mod:`estimators.projection`),
+  applied after the element-wise correction;
 * ``hessian``: R, the second moment E[Pᵀg gᵀP] of encodings of the training set (``train``),
   of the queries (``task``: Chang et al.'s task-specific Hessian), or their mixture
   ``mix·R_task + (1 − mix)·R_train`` (``mixed``); ``none`` for R = I. R is damped by
-  ``damping`` × its mean eigenvalue and inverted through a float64 eigendecomposition;
+  ``damping`` × its mean eigenvalue; R_train's eigendecomposition (float64) is computed once
+  per index and the query part enters by the Woodbury identity;
 * ``unit_norm``: scale each φ to unit length (cosine similarity).
 
 With every switch off the score is ``grad_dot``'s, with only ``unit_norm`` ``grad_cos``'s.
 Sign: the query side is ∇f (f = log p(target) on facts, = −query loss), so a positive score
 is a proponent as everywhere in the project. Training encodings (corrected, projected) go
-into the on-disk gradient index once; R and the unit norms are applied at score time, so a
-new query set costs its own gradients plus one or two passes over the d-dimensional index.
+into the on-disk gradient index once, with R_train's eigenbasis and the encodings rotated
+into it; R and the unit norms are applied at score time, so a new query set costs its own
+gradients plus one pass over the d-dimensional rotated index (O(n·d·Q), no d × d work).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
+from estimators.atomic import atomic_write, load_checked
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine, LayerGrads
+from estimators.index import GradientIndex, read_rows
 from estimators.problem import AttributionProblem, adam_state
 
 HESSIANS = ("none", "train", "task", "mixed")
@@ -49,15 +55,14 @@ class TrackStar(GradientEstimator):
         max_hessian_dim: refuse an R larger than this (set ``projection_dim`` instead).
         **kwargs: :class:`~estimators.base.GradientEstimator` arguments (``projection_dim``,
             ``projection_kind``, ``projection_seed``, ``index_dir``, ``chunk_size``,
-            ``modules``, ``projection_structure``: ``dense`` (default; accurate per
-            dimension, regenerates its P × d matrix per chunk) or ``kronecker`` (R_oᵀ G R_a per
-            layer on the corrected gradient; much cheaper, less accurate per dimension)).
+            ``modules``, ``projection_structure``: ``kronecker`` (default; R_oᵀ G R_a per layer
+            on the corrected gradient) or ``dense`` (one P × d matrix, regenerated per chunk)).
     """
 
     def __init__(self, optimizer_correction: bool = True, epsilon: float = 1e-8,
                  hessian: str = "mixed", mix: float = 0.5, damping: float = 1e-3,
                  unit_norm: bool = True, max_hessian_dim: int = 20_000, **kwargs):
-        kwargs.setdefault("projection_structure", "dense")
+        kwargs.setdefault("projection_structure", "kronecker")
         if kwargs.get("per_layer"):
             raise ValueError("trackstar mixes layers (projection, R); per_layer is not defined.")
         if kwargs.get("candidates"):
@@ -109,55 +114,91 @@ class TrackStar(GradientEstimator):
     def correction_spec(self) -> dict:
         return {"optimizer_correction": self.optimizer_correction, "epsilon": self.epsilon}
 
-    # -- encodings, R^(-1/2), unit norms ----------------------------------------------------
+    # -- encodings, R⁻¹, unit norms ---------------------------------------------------------
+    # φ_q·φ_m = qᵀR⁻¹m and ‖φ‖² = gᵀR⁻¹g (R^(-1/2) is symmetric), so only R⁻¹ is needed. With
+    # R_train = V diag(λ) Vᵀ cached beside the index together with the rotated encodings
+    # Z = M V, a query set costs O(n·d·Q): R = A + (w/Q) q̂ᵀq̂ with A = (1 − w) diag(λ) + δI
+    # diagonal in that basis, inverted by the Woodbury identity (a Q × Q solve).
     def _flat(self, projector, engine: GradientEngine, grads: LayerGrads) -> Tensor:
         return (engine if projector is None else projector).flatten(grads).double()
 
-    def _second_moment(self, problem, engine, projector) -> Tensor:
-        """R_train ``[d, d]``: the mean outer product of the training encodings."""
-        total = None
-        for _, grads in self.training_gradients(problem, engine, projector):
-            g = self._flat(projector, engine, grads)
-            total = g.T @ g if total is None else total + g.T @ g
-        return total / problem.n_train
+    def _encodings(self, problem, engine, projector) -> Iterator[tuple[slice, Tensor]]:
+        """Training encodings ``(rows, [B, d] float64)``: corrected, projected."""
+        for rows, grads in self.training_gradients(problem, engine, projector):
+            yield rows, self._flat(projector, engine, grads)
 
-    def _whitening(self, problem, engine, projector, queries: Tensor) -> Tensor | None:
-        """R^(-1/2) ``[d, d]`` for the configured ``hessian``, or None for R = I."""
-        if self.hessian == "none":
-            return None
-        d = queries.shape[1]
+    def _train_basis(self, problem, engine, projector) -> tuple[Tensor, Tensor, Iterator]:
+        """``(V [d, d], λ [d], rows)``: R_train's eigenbasis and eigenvalues (float64), and
+        the training encodings rotated into it, ``(rows, Z [B, d])``. With a gradient index,
+        V, λ and Z are stored beside it, so later query sets skip the eigendecomposition."""
+        key = self.index_key(problem, engine, projector)
+        store = GradientIndex(self.index_dir) if key else None
+        path = store.path(f"{key}-rtrain").with_suffix(".pt") if key else None
+        basis = load_checked(path, key) if key else None
+        if basis is None:
+            total = None
+            for _, g in self._encodings(problem, engine, projector):
+                total = g.T @ g if total is None else total + g.T @ g
+            eigenvalues, vectors = torch.linalg.eigh(total / problem.n_train)
+            basis = {"key": key, "eigenvalues": eigenvalues, "vectors": vectors}
+            if key:
+                with atomic_write(path) as tmp:
+                    torch.save(basis, tmp)
+        vectors, eigenvalues = basis["vectors"], basis["eigenvalues"]
+        rotated = ((r, g @ vectors) for r, g in self._encodings(problem, engine, projector))
+        if key:
+            array = store.load_or_build(f"{key}-rotated", (problem.n_train, len(eigenvalues)),
+                                        rotated)
+            rotated = ((r, z.double()) for r, z in read_rows(array, self.chunk_size))
+        return vectors, eigenvalues, rotated
+
+    def _scores_whitened(self, problem, engine, projector, queries: Tensor) -> Tensor:
+        """``[Q, n]`` scores −qᵀR⁻¹m (unit-normalised in the R⁻¹ metric if ``unit_norm``)."""
+        n_q, d = queries.shape
         if d > self.max_hessian_dim:
             raise ValueError(
                 f"trackstar's hessian correction forms a {d} x {d} matrix, above "
                 f"max_hessian_dim={self.max_hessian_dim}: set estimator.projection_dim "
                 "(e.g. 4096), or hessian=none.")
-        task = queries.T @ queries / queries.shape[0]
-        if self.hessian == "task":
-            r = task
+        w = {"train": 0.0, "task": 1.0, "mixed": self.mix}[self.hessian]
+        if w < 1:
+            vectors, eigenvalues, encodings = self._train_basis(problem, engine, projector)
+            q_hat = queries @ vectors
         else:
-            train = self._second_moment(problem, engine, projector)
-            r = train if self.hessian == "train" else self.mix * task + (1 - self.mix) * train
-        eigenvalues, vectors = torch.linalg.eigh(r)
-        eigenvalues = eigenvalues.clamp_min(0) + self.damping * eigenvalues.clamp_min(0).mean()
-        self.diagnostics["hessian_condition"] = float(eigenvalues.max() / eigenvalues.min())
-        return (vectors * eigenvalues.rsqrt()) @ vectors.T
-
-    def _encode(self, g: Tensor, whitening: Tensor | None) -> Tensor:
-        if whitening is not None:
-            g = g @ whitening
-        if self.unit_norm:
-            g = torch.nn.functional.normalize(g, dim=1)
-        return g
+            eigenvalues = torch.zeros(d, dtype=torch.float64)
+            encodings, q_hat = self._encodings(problem, engine, projector), queries
+        trace = (1 - w) * eigenvalues.clamp_min(0).sum() + w * q_hat.pow(2).sum() / n_q
+        delta = self.damping * trace / d  # damping × the mean eigenvalue of R
+        a = (1 - w) * eigenvalues.clamp_min(0) + delta  # A's diagonal in the basis
+        q_a = q_hat / a
+        gram = q_a @ q_hat.T  # [Q, Q] qᵀA⁻¹q
+        # R⁻¹ = A⁻¹ − A⁻¹q̂ᵀ K⁻¹ q̂A⁻¹ with K = (Q/w) I + q̂A⁻¹q̂ᵀ (no correction when w = 0)
+        k_inv = (torch.linalg.inv(n_q / w * torch.eye(n_q, dtype=gram.dtype) + gram)
+                 if w > 0 else torch.zeros_like(gram))
+        q_norm = (gram.diagonal() - (gram * (k_inv @ gram)).sum(0)).sqrt()
+        self.diagnostics["hessian_damping"] = float(delta)
+        scores = torch.zeros(n_q, problem.n_train)
+        for rows, z in encodings:
+            b = q_a @ z.T  # [Q, B] qᵀA⁻¹m
+            k_b = k_inv @ b
+            dots = b - gram @ k_b
+            if self.unit_norm:
+                m_norm = ((z.pow(2) / a).sum(1) - (b * k_b).sum(0)).clamp_min(0).sqrt()
+                dots = dots / (q_norm[:, None] * m_norm[None]).clamp_min(1e-300)
+            scores[:, rows] = -dots.float().cpu()
+        return scores
 
     def score_model(self, problem: AttributionProblem, offset: int = 0) -> Tensor:
         engine = self.engine(problem)
         projector = self.projector(engine, offset)
         queries = self._flat(projector, engine, self.query_gradients(problem, engine, projector))
-        whitening = self._whitening(problem, engine, projector, queries)
-        phi_q = self._encode(queries, whitening)
+        if self.hessian != "none":
+            return self._scores_whitened(problem, engine, projector, queries)
+        normalize = torch.nn.functional.normalize
+        phi_q = normalize(queries, dim=1) if self.unit_norm else queries
         scores = torch.zeros(problem.n_queries, problem.n_train)
-        for rows, grads in self.training_gradients(problem, engine, projector):
-            phi_m = self._encode(self._flat(projector, engine, grads), whitening)
+        for rows, g in self._encodings(problem, engine, projector):
+            phi_m = normalize(g, dim=1) if self.unit_norm else g
             scores[:, rows] = -(phi_q @ phi_m.T).float().cpu()
         return scores
 
