@@ -136,9 +136,11 @@ def test_user_errors_are_one_sentence_not_a_traceback(tmp_path):
 
 def test_a_failing_job_of_a_sweep_records_its_error_and_the_sweep_goes_on(tmp_path):
     """bm25 refuses a task without text, random is skipped by the sweep's ``skip``; both
-    leave error.json, grad_dot still runs, and the leaderboard lists the two under Not run."""
+    leave error.json, grad_dot still runs, and the leaderboard lists the two under Not run.
+    The jobs run two at a time in worker processes (the joblib launcher)."""
     sweep = tmp_path / "sweep"
     proc = cli("-m", "task=digits_mlp", "estimator=bm25,grad_dot,random", "logger=none",
+               "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                "skip={digits_mlp/random:not wanted here}",
                f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
                *TINY["digits_mlp"], cwd=REPO)
