@@ -81,3 +81,10 @@ def test_measure_reports_refusals_timeouts_and_ekfac_throughput(tmp_path, monkey
 def test_unknown_estimator_is_refused():
     with pytest.raises(SystemExit):
         ec.main(["--estimators", "no_such_estimator", "--tasks", "digits_mlp"])
+
+
+def test_crash_reason_is_the_exception_line():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "NotImplementedError: forward AD is not implemented\nPlease file an issue\n")
+    assert ec.exception(stderr) == "NotImplementedError: forward AD is not implemented"
+    assert ec.exception("just this\n") == "just this"

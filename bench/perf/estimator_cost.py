@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def without_keys(overrides: list[str], keys: set[str]) -> list[str]:
 
 def run_bench(overrides: list[str], cache_dir: Path, out_dir: Path, timeout: float) -> Result:
     """Runs ``python -m bench`` with ``overrides``; reads its metrics.json (and scores shape)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "HYDRA_FULL_ERROR": "1"}  # a crash's traceback ends with the exception's line
     command = [sys.executable, "-m", "bench", *overrides, f"cache_dir={cache_dir}",
                f"hydra.run.dir={out_dir}"]
     start = time.perf_counter()
@@ -88,14 +90,20 @@ def run_bench(overrides: list[str], cache_dir: Path, out_dir: Path, timeout: flo
     if done.returncode == 2 and errors:  # the harness's one-sentence refusal
         return Result("na", wall, reason=errors[-1])
     if done.returncode != 0 or not (out_dir / "metrics.json").exists():
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return Result("error", wall, reason=f"exit {done.returncode}: {tail}")
+        return Result("error", wall, reason=f"exit {done.returncode}: {exception(done.stderr)}")
     result = Result("ok", wall, record=json.loads((out_dir / "metrics.json").read_text()))
     if (out_dir / "scores.pt").exists():
         import torch
 
         result.n_queries, result.n_train = torch.load(out_dir / "scores.pt").shape
     return result
+
+
+def exception(stderr: str) -> str:
+    """The last ``SomeError: message`` line of a traceback (else the last line)."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (raised or lines)[-1]
 
 
 def warm_up(task_overrides: list[str], cache: Path, work: Path, timeout: float,
