@@ -70,6 +70,10 @@ def test_measure_reports_refusals_timeouts_and_ekfac_throughput(tmp_path, monkey
     assert "n/a (explicit refuses 400,000 parameters / big) | – | – | 2 |" in section
     assert "scoring **180 train examples/s** against 20 queries" in section  # 90 / 0.5 s
     assert "45 examples/s (2.0 s)" in section  # the factor fit: 90 / 2 s
+    assert "from n_train 90 to 180 (×2.00): ekfac ×2.0." in section  # 2.5 s -> 5 s
+    table_rows = [line for line in section.splitlines() if line.startswith("| facts")]
+    assert [line.split(" | ")[1:3] for line in table_rows[:2]] == [["90", "ekfac"],
+                                                                   ["180", "ekfac"]]
     out = tmp_path / "perf.md"
     out.write_text("# Performance\n\n" + OTHER)
     write_section(out, section, ec.SECTION)

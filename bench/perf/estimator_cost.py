@@ -186,6 +186,27 @@ def cells(result: Result) -> str:
     return f"{label} ({reason}) | – | – | {wall}"
 
 
+def growth(rows: list[dict]) -> list[str]:
+    """Per task: how fit + score seconds grew from the smallest to the largest n_train."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        ok = [r for r in rows if r["task"] == task and r["result"].status == "ok"]
+        if len({r["n_train"] for r in ok}) < 2:
+            continue
+        low, high = min(r["n_train"] for r in ok), max(r["n_train"] for r in ok)
+        parts = []
+        for estimator in dict.fromkeys(r["estimator"] for r in ok):
+            total = {r["n_train"]: r["result"].record["fit_seconds"]
+                     + r["result"].record["score_seconds"]
+                     for r in ok if r["estimator"] == estimator}
+            if low in total and high in total and total[low] >= 0.05:
+                parts.append(f"{estimator} ×{total[high] / total[low]:.1f}")
+        if parts:
+            lines.append(f"- {task}, fit + score s from n_train {low} to {high} "
+                         f"(×{high / low:.2f}): {', '.join(parts)}.")
+    return lines
+
+
 def ekfac_throughput(rows: list[dict]) -> list[str]:
     """Train examples per second of EK-FAC's factor fit and of its scoring, per size."""
     lines = []
@@ -208,6 +229,7 @@ def table(rows: list[dict], command: str, started: str, load: tuple, load_end: t
     import torch
 
     sizes = {}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     for row in rows:
         sizes.setdefault(row["task"], []).append(
             f"{SIZE_KEY[row['task']]}={row['size']} → n_train {row['n_train']}")
@@ -238,8 +260,10 @@ def table(rows: list[dict], command: str, started: str, load: tuple, load_end: t
         "| task | n_train | estimator | fit s | score s | peak RSS MB | wall s |",
         "|---|---|---|---|---|---|---|",
         *[f"| {r['task']} | {r['n_train']} | {r['estimator']} | {cells(r['result'])} |"
-          for r in rows],
+          for r in sorted(rows, key=lambda r: (tasks.index(r["task"]), r["estimator"],
+                                               r["n_train"]))],
         "",
+        *growth(rows),
         *ekfac_throughput(rows),
         f"<!-- /{SECTION} -->",
         "",
