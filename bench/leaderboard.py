@@ -74,10 +74,10 @@ def parse_overrides(command: str) -> dict[str, str]:
 
 
 def _canonical(value: str) -> str:
-    """One spelling per YAML constant (a sweep writes ``True``, a user types ``true``)."""
+    """One spelling per YAML constant (a sweep writes ``True``, a user types ``true``);
+    strings such as ``none`` (an option's name) are left alone."""
     lowered = value.lower()
-    return {"none": "null", "~": "null"}.get(lowered, lowered) if lowered in (
-        "true", "false", "null", "none", "~") else value
+    return "null" if lowered == "~" else lowered if lowered in ("true", "false", "null") else value
 
 
 def _variant(name: str, overrides: dict[str, str], group: str) -> str:

@@ -208,14 +208,14 @@ def test_paired_differences_see_through_shared_query_noise(tmp_path):
 
 
 def test_row_labels_spell_constants_one_way(tmp_path):
-    """A sweep records ``True``/``None``, a user types ``true``/``null``: one row."""
+    """A sweep records ``True``, a user types ``true``: one row; ``none`` is a string."""
     root = tmp_path / "runs"
-    for seed, (flag, dim) in enumerate((("True", "None"), ("true", "null"))):
+    for seed, (flag, dim) in enumerate((("True", "NULL"), ("true", "null"))):
         write_run(root, "t", "e", seed, [0.5, 0.6],
                   command=f"tda-bench task=t estimator=e estimator.unit_norm={flag} "
-                          f"estimator.projection_dim={dim} seed={seed}")
+                          f"estimator.projection_dim={dim} estimator.hessian=none seed={seed}")
     frame = lb.label_runs(lb.collect([root]))
-    assert set(frame["estimator"]) == {"e[projection_dim=null,unit_norm=true]"}
+    assert set(frame["estimator"]) == {"e[hessian=none,projection_dim=null,unit_norm=true]"}
 
 
 def test_archive_copies_records_and_rebuilds_identically(records, tmp_path, monkeypatch):
