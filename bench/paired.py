@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from bench.leaderboard_tables import _md_row, is_cost
+from bench.leaderboard_tables import ACCURACY, _md_row
 
 Comparison = tuple[str, str]  # (A, B): rows whose difference A − B is reported
 
@@ -30,7 +30,8 @@ def _per_seed(frame: pd.DataFrame, task: str, estimator: str) -> dict[int, objec
 
 def differences(frame: pd.DataFrame, metrics: list[str], compare: list[Comparison],
                 n_boot: int = 2000, seed: int = 0, strict: bool = True) -> pd.DataFrame:
-    """One row per (task, A, B, accuracy metric) with both rows present on common seeds.
+    """One row per (task, A, B, headline accuracy metric: ``ACCURACY`` of
+    :mod:`bench.leaderboard_tables`) with both rows present on common seeds.
 
     Columns: ``task, a, b, metric, a_mean, b_mean, diff, lo, hi, seeds`` where ``diff`` is
     the mean over common seeds of (A's metric − B's) and ``lo``/``hi`` the 95 % paired
@@ -58,7 +59,7 @@ def differences(frame: pd.DataFrame, metrics: list[str], compare: list[Compariso
             seeds = sorted(set(runs_a) & set(runs_b))
             if not seeds:
                 continue
-            for metric in (m for m in metrics if not is_cost(m)):
+            for metric in (m for m in metrics if m in ACCURACY):
                 pairs = [(per_seed_values(runs_a[s], metric), per_seed_values(runs_b[s], metric))
                          for s in seeds]
                 scalar_a = np.array([p[0][0] for p in pairs])
