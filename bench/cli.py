@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,7 @@ def print_table(record: dict[str, Any], out_dir: Path) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point of the ``tda-bench`` console script."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run(cfg)
     except USER_ERRORS as err:
@@ -251,15 +253,24 @@ def main(cfg: DictConfig) -> None:
             raise
         log.error("%s", err)
         print(f"tda-bench: error: {err}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # one job of a sweep (e.g. bm25 on a task without text): record why, go on
-            out_dir = Path(HydraConfig.get().runtime.output_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "error.json").write_text(json.dumps(
-                {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": cfg.seed,
-                 "error": str(err)}, indent=2) + "\n")
+        if multirun:  # one job of a sweep (e.g. bm25 on a task without text): record why, go on
+            write_error(cfg, str(err))
             return
         sys.exit(2)
+    except Exception as err:
+        if multirun:  # a bug: leave a trace the leaderboard's "Not run" shows, then fail as usual
+            log.exception("job failed")
+            write_error(cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
+        raise
 
 
-__all__ = ["main", "run", "flatten"]
+def write_error(cfg: DictConfig, error: str, trace: str | None = None) -> None:
+    """``error.json`` in the job's folder: what failed and why (and the traceback of a bug)."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": cfg.seed,
+               "error": error, **({"traceback": trace} if trace else {})}
+    (out_dir / "error.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+__all__ = ["main", "run", "flatten", "write_error"]

@@ -154,3 +154,15 @@ def test_a_failing_job_of_a_sweep_records_its_error_and_the_sweep_goes_on(tmp_pa
     table = (tmp_path / "out" / "LEADERBOARD.md").read_text().split("## Not run")[1]
     assert "| digits_mlp | random | 0 | digits_mlp/random is skipped" in table
     assert "| digits_mlp | bm25 | 0 |" in table
+
+
+def test_a_job_that_crashes_in_a_sweep_leaves_its_traceback(tmp_path):
+    """A bug (not a user error) in one job: error.json names it and keeps the traceback, so
+    the sweep's table lists it under Not run instead of the job vanishing."""
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "task=digits_mlp", "estimator=random", "estimator._target_=builtins.dict",
+               "logger=none", f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+               *TINY["digits_mlp"], cwd=REPO)
+    errors = [json.loads(p.read_text()) for p in sweep.rglob("error.json")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0]["error"].startswith("AttributeError") and "Traceback" in errors[0]["traceback"]
