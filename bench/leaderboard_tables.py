@@ -12,7 +12,7 @@ import pandas as pd
 # Accuracy metrics (higher is better), in the order tables show them; any other metric that
 # has per-query values in per_query.csv comes after them, alphabetically.
 ACCURACY = ("lds", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman", "mrr",
-            "recall@10", "tail_patch")
+            "recall@10", "tail_patch", "mislabel_auc")
 # Costs (lower is better): fit+score ``seconds`` and every memory key ``*_mb`` (MiB) of the
 # records, these first.
 COSTS = ("seconds", "peak_rss_mb")
