@@ -47,7 +47,7 @@ def summed_products(problem: AttributionProblem, engine: GradientEngine,
         vectors = vectors.to(theta)
         if kind == "hessian":
             gradient = grad(lambda t: problem.loss(outputs(t, batch), batch).sum())
-            return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
+            return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors).detach()
         model_out = lambda t: outputs(t, batch)  # noqa: E731
         out, pullback = vjp(model_out, theta)
         loss_grad = grad(lambda o: problem.loss(o, batch).sum())
@@ -56,7 +56,8 @@ def summed_products(problem: AttributionProblem, engine: GradientEngine,
             jv = jvp(model_out, (theta,), (v,))[1]
             return pullback(jvp(loss_grad, (out.detach(),), (jv,))[1])[0]
 
-        return vmap(ggn_vector)(vectors)
+        # detached: iterative solvers must not chain autograd graphs across their steps
+        return vmap(ggn_vector)(vectors).detach()
 
     return products
 
