@@ -149,8 +149,9 @@ def markdown(cells: pd.DataFrame, context: dict[str, Any]) -> str:
         "lower is better). †: seeds missing, averaged over the seeds present (the seeds column "
         "says which). `seconds` is fit + score time; `peak_rss_mb` the run's peak resident memory "
         "(MiB). `random` is the floor; the *LDS noise ceiling* is the split-half Spearman "
-        "correlation between the ground truth's retraining seeds, the best LDS an estimator "
-        "can expect.", "",
+        "correlation r between halves of the ground truth's retraining seeds: how "
+        "reproducible the truth is. The LDS uses the mean of all seeds, which is less noisy, so "
+        "an estimator can exceed r; a perfect one would reach about √(2r/(1 + r)).", "",
     ]
     if FLOOR not in set(cells["estimator"]):
         lines += ["No `random` records were found: the floor is missing.", ""]

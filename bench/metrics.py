@@ -105,7 +105,9 @@ def lds_ceiling(values: torch.Tensor) -> float | None:
 
     The K retraining seeds are split into halves (first ⌊K/2⌋, rest); for each query, the
     Spearman correlation over subsets between the two halves' mean measurements; the mean
-    over queries. No estimator can expect an LDS above it.
+    over queries. It measures how reproducible the ground truth is, r; the LDS uses the
+    mean of all K seeds, which is less noisy, so an estimator that predicted the expected
+    measurement exactly would reach about √(2r/(1 + r)) (Spearman-Brown), above r itself.
 
     Args:
         values: ``[M, K, Q]`` per-subset, per-seed measurements.
