@@ -124,35 +124,55 @@ def plan(task: Task, task_name: str, task_cfg: dict, kind: str) -> Plan:
     return Plan(task_name, kind, hash_key(identity), spec, units, meta)
 
 
-def _retrain(task: Task, plan: Plan, unit: int, init: dict | None) -> torch.Tensor:
-    """The query measurements ``[n_queries]`` of the model retrained for one unit."""
-    n = task.n_train
-    if plan.kind == "lds":
-        subset, k = divmod(unit, plan.spec["seeds"])
-        seed = RETRAIN_SEED_BASE + k
-        indices = plan.meta["masks"][subset].nonzero().flatten()
-        model = task.build_model(seed)
-    else:
-        seed = RETRAIN_SEED_BASE
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[plan.meta["indices"][unit]] = False
-        indices = keep.nonzero().flatten()
-        model = task.build_model(seed)
-        model.load_state_dict(init)  # warm start from the full-data optimum
-    task.fit(model, seed=seed, indices=indices)
+def fit_and_measure(task: Task, jobs: list[tuple[int, torch.Tensor]], vectorise: bool,
+                    desc: str) -> list[torch.Tensor]:
+    """The query measurements ``[n_queries]`` of a model retrained for each job.
+
+    A job is (retraining seed, kept training indices). Jobs that keep equally many examples
+    train together by :meth:`~tasks.base.Task.fit_many` where the task supports it and
+    ``vectorise`` is on; the rest are fitted one by one with ``task.fit``. Either way the
+    models are the same up to float rounding. Shared by LDS and :mod:`bench.removal`.
+    """
+    values: list[torch.Tensor | None] = [None] * len(jobs)
+    if vectorise:
+        for size in sorted({len(kept) for _, kept in jobs}, reverse=True):
+            group = [i for i, (_, kept) in enumerate(jobs) if len(kept) == size]
+            out = task.fit_many([jobs[i][0] for i in group], [jobs[i][1] for i in group])
+            if out is None:  # the task cannot vectorise
+                break
+            for i, row in zip(group, out, strict=True):
+                values[i] = row
+    todo = [i for i, v in enumerate(values) if v is None]
+    if len(todo) > 1:
+        log.info("%s: retraining %d models one by one (%s).", desc, len(todo),
+                 "the task does not vectorise" if vectorise else "ground_truth.vectorise=false")
+    for i in tqdm(todo, desc=desc, disable=None):
+        values[i] = _fit_one(task, *jobs[i])
+    return values
+
+
+def _fit_one(task: Task, seed: int, kept: torch.Tensor) -> torch.Tensor:
+    """f ``[n_queries]`` of one model trained from ``seed`` on the ``kept`` examples."""
+    model = task.build_model(seed)
+    task.fit(model, seed=seed, indices=kept)
     return task.measure_queries(model)
 
 
-def _retrain_many(task: Task, plan: Plan, units: list[int]) -> list[torch.Tensor] | None:
-    """The measurements of LDS ``units`` trained together by ``task.fit_many``, or None
-    where the task (or the kind) does not support vectorised retraining."""
-    if plan.kind != "lds" or not units:
-        return None
-    pairs = [divmod(u, plan.spec["seeds"]) for u in units]  # (subset, seed index)
-    seeds = [RETRAIN_SEED_BASE + k for _, k in pairs]
-    indices = [plan.meta["masks"][j].nonzero().flatten() for j, _ in pairs]
-    values = task.fit_many(seeds, indices)
-    return None if values is None else list(values)
+def _lds_job(plan: Plan, unit: int) -> tuple[int, torch.Tensor]:
+    """The retraining seed and kept indices of one LDS unit (subset, seed index)."""
+    subset, k = divmod(unit, plan.spec["seeds"])
+    return RETRAIN_SEED_BASE + k, plan.meta["masks"][subset].nonzero().flatten()
+
+
+def _retrain_loo(task: Task, plan: Plan, unit: int, init: dict) -> torch.Tensor:
+    """f ``[n_queries]`` of the model retrained without one point, warm-started from the
+    full-data optimum ``init``."""
+    keep = torch.ones(task.n_train, dtype=torch.bool)
+    keep[plan.meta["indices"][unit]] = False
+    model = task.build_model(RETRAIN_SEED_BASE)
+    model.load_state_dict(init)
+    task.fit(model, seed=RETRAIN_SEED_BASE, indices=keep.nonzero().flatten())
+    return task.measure_queries(model)
 
 
 def _reference(task: Task) -> tuple[dict, torch.Tensor]:
@@ -175,14 +195,13 @@ def retraining(task: Task, plan: Plan, vectorise: bool = True) -> Work:
     """
 
     def work(units: list[int], desc: str) -> dict[str, torch.Tensor]:
-        init, reference = _reference(task) if plan.kind == "loo" else (None, None)
-        values = _retrain_many(task, plan, units) if vectorise else None
-        if values is None:
-            values = [_retrain(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
-        out = {"values": torch.stack(values) if len(values) else torch.zeros(0)}
-        if reference is not None:
-            out["reference"] = reference
-        return out
+        if plan.kind == "lds":
+            values = fit_and_measure(task, [_lds_job(plan, u) for u in units], vectorise, desc)
+            return {"values": torch.stack(values) if values else torch.zeros(0)}
+        init, reference = _reference(task)
+        values = [_retrain_loo(task, plan, u, init) for u in tqdm(units, desc=desc, disable=None)]
+        return {"values": torch.stack(values) if values else torch.zeros(0),
+                "reference": reference}
 
     return work
 

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -140,8 +141,6 @@ def archive(directories: list[Path], dest: Path) -> int:
     leaderboard built from ``dest`` equals one built from the originals. Returns the number
     of run folders copied.
     """
-    import shutil
-
     copied = set()
     for directory in map(Path, directories):
         for name in ARCHIVED:

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from bench import ground_truth as gt
 from bench.cache import hash_key
@@ -155,32 +154,10 @@ def _unit(task: Task, plan: gt.Plan, unit: int) -> tuple[int, Tensor]:
 
 def retraining(task: Task, plan: gt.Plan, vectorise: bool = True) -> gt.Work:
     """The work of removal shards: ``values [U, n_queries]``, the measurement of every query
-    under each unit's retrained model. Models of equal subset size train together where the
-    task supports it (:meth:`~tasks.base.Task.fit_many`), the rest one by one."""
+    under each unit's retrained model (:func:`bench.ground_truth.fit_and_measure`)."""
 
     def work(units: list[int], desc: str) -> dict[str, Tensor]:
-        jobs = [_unit(task, plan, u) for u in units]
-        values: list[Tensor | None] = [None] * len(jobs)
-        if vectorise:
-            sizes = sorted({len(kept) for _, kept in jobs}, reverse=True)
-            for size in sizes:
-                group = [i for i, (_, kept) in enumerate(jobs) if len(kept) == size]
-                out = task.fit_many([jobs[i][0] for i in group], [jobs[i][1] for i in group])
-                if out is None:
-                    break
-                for i, row in zip(group, out, strict=True):
-                    values[i] = row
-        todo = [i for i, v in enumerate(values) if v is None]
-        if len(todo) > 1:
-            why = (f"task {plan.task_name} does not vectorise these fits" if vectorise
-                   else "ground_truth.vectorise=false")
-            log.warning("%s: retraining %d models one by one (%s); on language-model tasks "
-                        "this takes a minute or more per model.", desc, len(todo), why)
-        for i in tqdm(todo, desc=desc, disable=None):
-            seed, kept = jobs[i]
-            model = task.build_model(seed)
-            task.fit(model, seed=seed, indices=kept)
-            values[i] = task.measure_queries(model)
+        values = gt.fit_and_measure(task, [_unit(task, plan, u) for u in units], vectorise, desc)
         return {"values": torch.stack(values) if values else torch.zeros(0)}
 
     return work

@@ -99,12 +99,12 @@ def _fail(*args, **kwargs):
 
 def test_lds_ground_truth_agrees_between_paths(make_cfg, tmp_path, monkeypatch):
     records, truths, keys = {}, {}, set()
-    sequential = gt._retrain
+    sequential = gt._fit_one
     for vectorise in (True, False):
         if vectorise:  # the vectorised path must not fall back to one-by-one fits
-            monkeypatch.setattr(gt, "_retrain", _fail)
+            monkeypatch.setattr(gt, "_fit_one", _fail)
         else:
-            monkeypatch.setattr(gt, "_retrain", sequential)
+            monkeypatch.setattr(gt, "_fit_one", sequential)
         cache = tmp_path / f"cache-{vectorise}"
         cfg = make_cfg("digits_mlp", "estimator=grad_dot", f"cache_dir={cache}", "task.lds.seeds=2",
                        f"ground_truth.vectorise={vectorise}")
