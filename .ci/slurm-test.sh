@@ -7,7 +7,7 @@ trap 'scripts/slurm_cluster.sh down || true' EXIT
 eval "$(.ci/slurm-up.sh)"          # exports SLURM_CONF
 report=$(mktemp --suffix=.xml)
 status=0
-TDA_BENCH_REQUIRE_SLURM=1 python -m pytest -m slurm tests/test_slurm.py -v -rA -s \
+TDA_BENCH_REQUIRE_SLURM=1 python -m pytest -m slurm tests/bench/test_slurm.py -v -rA -s \
     -p no:cacheprovider --junitxml="$report" "$@" || status=$?
 python - "$report" <<'PY' || status=1
 import sys

@@ -101,7 +101,7 @@ class WandbLogger:
                 columns, rows = top_proponents(scores, self.top_k, train_text, query_text)
                 payload["top_proponents"] = wandb.Table(columns=columns, data=rows)
             if scores is not None and self.plots:
-                from bench.plots import run_plots
+                from bench.report.plots import run_plots
 
                 run_plots(out_dir, scores, name)
             payload.update({f"plots/{p.stem}": wandb.Image(str(p))
@@ -164,25 +164,3 @@ def top_proponents(scores: Tensor, k: int, train_text: list[str] | None,
             row += [str(train_text[m])] if train_text is not None else []
             rows.append(row)
     return columns, rows
-
-
-def log_leaderboard(out: Path, project: str) -> None:
-    """Logs ``leaderboard.csv`` as the table ``leaderboard`` and the PNGs of ``out`` as
-    images ``plots/<name>`` to one W&B run (job type ``leaderboard``), written under
-    ``$WANDB_DIR`` (default: the working directory), never inside ``out``."""
-    import os
-
-    import pandas as pd
-    import wandb
-
-    table = pd.read_csv(out / "leaderboard.csv", keep_default_na=False)
-    run = wandb.init(project=project, name="leaderboard", job_type="leaderboard",
-                     mode=os.environ.get("WANDB_MODE", "offline"),
-                     dir=os.environ.get("WANDB_DIR", os.getcwd()),
-                     settings=wandb.Settings(console="off", silent=True))
-    try:
-        payload = {"leaderboard": wandb.Table(dataframe=table.astype(str))}
-        payload.update({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))})
-        run.log(payload)
-    finally:
-        run.finish()

@@ -1,0 +1,1 @@
+"""The leaderboard: run records -> statistics, tables and plots (``tda-bench-leaderboard``)."""

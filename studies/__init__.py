@@ -1,0 +1,2 @@
+"""Runnable studies and benchmarks (``python -m studies.<name>``); their output lands in
+``results/``. Studies import the library; the library never imports studies."""

@@ -1,0 +1,66 @@
+"""Streamed scoring: a memory budget sets the chunk size; chunking never changes scores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.cli import run
+from estimators.base import GRADIENT_COPIES, GradientEstimator
+from estimators.grad_cos import GradCos
+from estimators.grad_dot import GradDot
+
+
+def test_budget_sets_chunk_size_by_parameter_count(tiny_mlp):
+    problem, _ = tiny_mlp
+    estimator = GradDot(chunk_size=256)
+    params = estimator.engine(problem).num_params  # 64*8+8 + 8*10+10 = 610
+    per_example_mb = GRADIENT_COPIES * 4 * params / 2**20
+    assert estimator.fit_chunk_to_budget(problem, 7.5 * per_example_mb) == 7
+    assert estimator.fit_chunk_to_budget(problem, 1e-9) == 1  # at least one example
+    assert GradDot(chunk_size=4).fit_chunk_to_budget(problem, 1e6) == 4  # never raised
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        estimator.fit_chunk_to_budget(problem, 0)
+
+
+@pytest.mark.parametrize("cls", [GradDot, GradCos])
+def test_scores_do_not_depend_on_chunking(tiny_mlp, cls):
+    problem, _ = tiny_mlp
+    whole = cls(chunk_size=256).score(problem)
+    chunked = cls(chunk_size=7).score(problem)
+    assert whole.shape == (problem.n_queries, problem.n_train)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_run_honours_memory_budget(make_cfg, monkeypatch):
+    chunks = []
+    fit = GradientEstimator.fit_chunk_to_budget
+    monkeypatch.setattr(GradientEstimator, "fit_chunk_to_budget",
+                        lambda self, *a: chunks.append(fit(self, *a)) or chunks[-1])
+    plain = run(make_cfg("digits_mlp", "estimator=grad_dot"))
+    assert chunks == []
+    budget = run(make_cfg("digits_mlp", "estimator=grad_dot", "memory_budget_mb=0.5"))
+    assert chunks == [int(0.5 * 2**20 // (GRADIENT_COPIES * 4 * (65 * 64 + 65 * 10)))]
+    assert budget["lds"] == pytest.approx(plain["lds"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_scoring_peak_memory_is_flat_in_n_train():
+    """Fresh processes at n and 4n, where [n_train, P] gradients take 1.1 and 4.4 GB."""
+    from studies.perf.score_memory import forwarded
+
+    args = argparse.Namespace(d_in=512, width=1024, n_queries=8, chunk_size=64,
+                              estimator="grad_dot", threads=1, memory_budget_mb=0.0)
+    peaks = []
+    for n in (512, 2048):
+        out = subprocess.run([sys.executable, "-m", "studies.perf.score_memory", "--child",
+                              str(n), *forwarded(args)], capture_output=True, text=True,
+                             check=True).stdout
+        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_above_baseline_mb"])
+    assert peaks[1] < 1.1 * peaks[0]
+    assert peaks[1] < 0.25 * 4.4e9 / 2**20  # far below the full gradient matrix

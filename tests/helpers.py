@@ -1,0 +1,110 @@
+"""Helpers shared by the tests: tiny task sizes, config composition, a float64 digits MLP,
+the command line, and run records as the harness writes them.
+
+Tests import these from ``tests.helpers``; ``conftest.py`` holds only fixtures.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from bench.cli import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Overrides that shrink each task so a whole run takes a few seconds.
+TINY = {
+    "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
+                   "task.lds.subsets=8", "task.lds.seeds=1", "task.pbrf.n=4"],
+    "digits_mlp_noisy": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
+                         "task.lds.subsets=8", "task.lds.seeds=1"],
+    "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
+                      "task.loo.n=10", "task.pbrf.n=4"],
+    "facts": ["task.world.n_entities=12", "task.world.n_prior_docs=4", "task.world.n_queries=6",
+              "task.model.layers=1", "task.model.width=32", "task.model.heads=2",
+              "task.model.intermediate=64", "task.train.epochs=2", "num_threads=1",
+              "fact_metrics.k=3"],
+}
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """The composed config of ``overrides`` (with Hydra's own config), composed once per
+    session; callers get copies."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_config(overrides: list[str], tmp_path: Path, cache_dir: Path | None = None):
+    """A run config with HydraConfig set, as ``@hydra.main`` would have it: a copy of the
+    session's composition of ``overrides`` writing its run folder under ``tmp_path`` (and
+    its cache under ``cache_dir``, when given)."""
+    cfg = copy.deepcopy(_composed(tuple(overrides)))
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.job.num = 0
+        if cache_dir is not None and not any(o.startswith("cache_dir=") for o in overrides):
+            cfg.cache_dir = str(cache_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def float64_digits_mlp(**kwargs):
+    """A :class:`~tasks.digits_mlp.DigitsMLP` whose data, model and training are float64
+    (for closed-form comparisons); ``kwargs`` are the task's arguments."""
+    from tasks.digits_mlp import DigitsMLP
+
+    class DigitsMLP64(DigitsMLP):
+        dtype = torch.float64
+        precision = "64-true"
+
+        def build_model(self, seed):
+            return super().build_model(seed).double()
+
+    return DigitsMLP64(**kwargs)
+
+
+def cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` in a subprocess (W&B offline)."""
+    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_run(root, task, estimator, seed, lds, *, seconds=1.0, extra=None, command=None,
+              scores=None):
+    """A run directory with ``metrics.json`` and ``per_query.csv`` as bench.record writes."""
+    out = root / f"{task}_{estimator}_seed{seed}".replace("[", "_").replace("]", "_")
+    out.mkdir(parents=True)
+    lds = np.asarray(lds, dtype=float)
+    record = {"task": task, "estimator": estimator.split("[")[0], "seed": seed,
+              "lds": float(np.nanmean(lds)), "fit_seconds": seconds / 2,
+              "score_seconds": seconds / 2, "peak_rss_mb": 100.0 + seed,
+              "command": command or f"tda-bench task={task} estimator={estimator} seed={seed}",
+              "date": f"2026-01-0{seed + 1}T00:00:00+00:00", "commit": "abc",
+              "versions": {"torch": "2.13.0"}, **(extra or {})}
+    (out / "metrics.json").write_text(json.dumps(record))
+    pd.DataFrame({"query": np.arange(lds.size), "lds": lds}).to_csv(out / "per_query.csv",
+                                                                    index=False)
+    if scores is not None:
+        torch.save(scores, out / "scores.pt")
+    return out
