@@ -1,4 +1,4 @@
-"""The on-disk cache: content-addressed keys, atomic writes, checked reads.
+"""The on-disk cache: content-addressed keys (:func:`content_hash`), atomic writes, checked reads.
 
 Everything expensive (trained models, ground-truth shards) is stored under ``cache_dir``
 by a key that hashes everything that determines it. Files are written to a hidden temporary
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -30,16 +28,11 @@ from typing import Any
 import torch
 
 from estimators.atomic import HOST, atomic_write
+from estimators.atomic import content_hash as content_hash  # re-exported for bench
 from estimators.atomic import load_checked as load_checked  # re-exported for bench
 
 log = logging.getLogger(__name__)
 _HOST = HOST  # temp files name their writer's host (estimators.atomic)
-
-
-def hash_key(spec: Any, length: int = 16) -> str:
-    """A stable hex digest of a JSON-serialisable ``spec`` (dict keys sorted)."""
-    text = json.dumps(spec, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def payload_bytes(payload: dict[str, Any]) -> bytes:

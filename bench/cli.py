@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import ground_truth as gt
 from bench import pbrf
-from bench.cache import cache_lock, hash_key, load_checked, save_atomic
+from bench.cache import cache_lock, content_hash, load_checked, save_atomic
 from bench.loggers import flatten
 from bench.metrics import evaluate, lds_ceiling, mislabel_metrics
 from bench.record import (
@@ -60,7 +60,7 @@ def model_key(task: Task, cfg: DictConfig, seed: int | None = None) -> str:
     seed = cfg.seed if seed is None else int(seed)
     identity = {"task": cfg.task_name, "config": task_config(cfg), "version": task.VERSION,
                 "class": type(task).__qualname__, "seed": seed, "what": "model"}
-    return hash_key(identity)
+    return content_hash(identity)
 
 
 def trained_model(task: Task, cfg: DictConfig, cache_dir: Path, seed: int | None = None):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from bench.cache import (
     cache_lock,
-    hash_key,
+    content_hash,
     load_checked,
     lock_path,
     save_atomic,
@@ -121,7 +121,7 @@ def plan(task: Task, task_name: str, task_cfg: dict, kind: str) -> Plan:
     task_cfg = {k: v for k, v in task_cfg.items() if k != "checkpoints"}
     identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
                 "version": task.VERSION, "kind": kind, "spec": spec, "format": FORMAT}
-    return Plan(task_name, kind, hash_key(identity), spec, units, meta)
+    return Plan(task_name, kind, content_hash(identity), spec, units, meta)
 
 
 def fit_and_measure(task: Task, jobs: list[tuple[int, torch.Tensor]], vectorise: bool,

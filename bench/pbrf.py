@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 
 import torch
 from torch import Tensor
@@ -36,7 +35,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from bench import ground_truth as gt
-from bench.cache import hash_key
+from bench.cache import content_hash
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem, Batch, move_to
@@ -54,15 +53,6 @@ DEFAULTS = {
 }
 
 
-def model_digest(model: torch.nn.Module) -> str:
-    """A digest of the model's parameters and buffers (the attributed θˢ)."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def plan(task: Task, task_name: str, task_cfg: dict, problem: AttributionProblem) -> gt.Plan:
     """The PBRF plan of the attributed model in ``problem``."""
     unknown = set(task.pbrf) - set(DEFAULTS)
@@ -73,8 +63,8 @@ def plan(task: Task, task_name: str, task_cfg: dict, problem: AttributionProblem
     indices = torch.randperm(task.n_train, generator=gen)[: int(spec["n"])]
     identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
                 "version": task.VERSION, "kind": "pbrf", "spec": spec, "format": FORMAT,
-                "model": model_digest(problem.model)}
-    return gt.Plan(task_name, "pbrf", hash_key(identity), spec, list(range(len(indices))),
+                "model": content_hash(problem.model)}
+    return gt.Plan(task_name, "pbrf", content_hash(identity), spec, list(range(len(indices))),
                    {"indices": indices})
 
 

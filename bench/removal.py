@@ -34,7 +34,6 @@ a run retrains (2·n_queries + 1)·K of them the first time).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor
 
 from bench import ground_truth as gt
-from bench.cache import hash_key
+from bench.cache import content_hash
 from bench.metrics import mean_sem
 from tasks.base import Task
 
@@ -116,10 +115,6 @@ def random_sets(n_train: int, n_sets: int, k: int, seed: int) -> Tensor:
     return torch.stack(rows).sort(dim=1).values if rows else torch.zeros(0, k, dtype=torch.long)
 
 
-def _digest(tensor: Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def plan(task: Task, task_name: str, task_cfg: dict, kind: str, removed: Tensor,
          spec: dict) -> gt.Plan:
     """A removal plan: retrain without each row of ``removed`` ``[S, k]`` under K seeds.
@@ -135,9 +130,9 @@ def plan(task: Task, task_name: str, task_cfg: dict, kind: str, removed: Tensor,
     spec = {**spec, "full_first": full_first}
     identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
                 "version": task.VERSION, "kind": kind, "spec": spec, "format": FORMAT,
-                "removed": _digest(removed), "retrain_seed_base": gt.RETRAIN_SEED_BASE}
+                "removed": content_hash(removed), "retrain_seed_base": gt.RETRAIN_SEED_BASE}
     n_sets = len(removed) + int(full_first)
-    return gt.Plan(task_name, kind, hash_key(identity), spec,
+    return gt.Plan(task_name, kind, content_hash(identity), spec,
                    list(range(n_sets * int(spec["seeds"]))), {"removed": removed})
 
 

@@ -30,8 +30,6 @@ K-FAC's first pass.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -41,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from estimators.atomic import atomic_write, load_checked
+from estimators.atomic import atomic_write, content_hash, load_checked
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.problem import AttributionProblem, Batch, move_to
@@ -132,11 +130,6 @@ def corrected_eigenvalues(problem: AttributionProblem, engine: GradientEngine,
     return {name: total / problem.n_train for name, total in sums.items()}
 
 
-def _hash(spec: dict) -> str:
-    text = json.dumps(spec, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class FactorCache:
     """Fitted factors on disk: one ``torch.save`` file per key, written atomically.
 
@@ -208,7 +201,7 @@ class KFAC(GradientEstimator):
 
     def _cached(self, problem: AttributionProblem, spec: dict, compute: Callable[[], dict]):
         """``compute()``'s payload, from the cache when the problem has a key."""
-        key = _hash(spec) if problem.key else None
+        key = content_hash(spec) if problem.key else None
         payload = self.cache.load(key) if key else None
         if payload is not None:
             log.info("Loaded %s from the factor cache (%s)", spec["what"], key)

@@ -12,8 +12,6 @@ This module is independent of ``bench`` (estimators never import it).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,25 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from estimators.atomic import atomic_write
+from estimators.atomic import atomic_write, content_hash
 from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
-
-
-def _update(digest, value) -> None:
-    if isinstance(value, Tensor):
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        for k in sorted(value):
-            digest.update(str(k).encode())
-            _update(digest, value[k])
-    elif isinstance(value, list | tuple):
-        for v in value:
-            _update(digest, v)
-    else:
-        digest.update(repr(value).encode())
 
 
 def fingerprint(problem: AttributionProblem, engine: GradientEngine, spec: dict) -> str:
@@ -49,12 +33,10 @@ def fingerprint(problem: AttributionProblem, engine: GradientEngine, spec: dict)
     The data part hashes the problem's ``key``, ``n_train`` and the first collated batch of
     up to 64 training examples (the whole set is not read).
     """
-    digest = hashlib.sha256()
-    _update(digest, engine.parameters())
-    _update(digest, [problem.key, problem.n_train, engine.names])
-    _update(digest, next(iter(problem.loader("train", 64))))
-    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:20]
+    return content_hash({"parameters": engine.parameters(), "problem": problem.key,
+                         "n_train": problem.n_train, "layers": engine.names,
+                         "first_batch": next(iter(problem.loader("train", 64))), "spec": spec},
+                        length=20)
 
 
 class GradientIndex:

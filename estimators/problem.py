@@ -23,7 +23,8 @@ Gauss-Newton products (J^T ∇²ℓ J) without task-specific code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,18 @@ class AttributionProblem:
         """Moves the model to ``device``; batches follow it (see :func:`move_to`)."""
         self.model.to(device)
         return self
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts ``model`` in eval mode (dropout off, norms frozen) for the block, then restores
+    the mode it had, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def move_to(batch: Batch, device: torch.device) -> Batch:
