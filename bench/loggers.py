@@ -7,8 +7,9 @@ and optionally the score matrix ``[n_queries, n_train]`` and the texts of the ex
 
 W&B summary keys are the record's metric keys (``lds``, ``lds_sem``, ``lds_ceiling``,
 ``loo_pearson``, ``loo_spearman``, ``fit_seconds``, ``score_seconds``, ``peak_rss_mb``, ...)
-plus ``seconds`` (fit + score); the table ``top_proponents`` holds the top-k training
-examples per query (with their text for text tasks); the run's plots are logged under
+plus ``seconds`` (fit + score); the table ``metrics`` lists them with the role and direction
+their metric specs give (:mod:`bench.metrics`); the table ``top_proponents`` holds the top-k
+training examples per query (with their text for text tasks); the run's plots are logged under
 ``plots/<name>``; the score matrix is an artifact of type ``scores`` when opted in.
 """
 
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from bench.metrics import higher_is_better, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,11 @@ class WandbLogger:
                          tags=self.tags, config=flatten(config), reinit="finish_previous",
                          settings=wandb.Settings(console="off", silent=True))
         try:
-            run.summary.update(summary_metrics(metrics))
-            payload: dict[str, Any] = {}
+            summary = summary_metrics(metrics)
+            run.summary.update(summary)
+            payload: dict[str, Any] = {"metrics": wandb.Table(
+                columns=["metric", "value", "role", "higher_is_better"],
+                data=metric_rows(summary))}
             if scores is not None and self.top_k:
                 columns, rows = top_proponents(scores, self.top_k, train_text, query_text)
                 payload["top_proponents"] = wandb.Table(columns=columns, data=rows)
@@ -130,6 +136,18 @@ class WandbLogger:
                                   type="scores", metadata={"shape": list(scores.shape)})
         artifact.add_file(str(path))
         run.log_artifact(artifact)
+
+
+def metric_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """``[metric, value, role, higher_is_better]`` per numeric summary key, as the metric
+    specs (:mod:`bench.metrics`) describe it (role ``""`` for a key without a spec)."""
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        spec = spec_for(key)
+        rows.append([key, float(value), spec.role if spec else "", higher_is_better(key)])
+    return rows
 
 
 def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -108,8 +108,7 @@ def write_layer_scores(out_dir: Path, estimator: Any, problem: Any) -> None:
 
     The file holds ``layer_scores [L, Q, N]`` (float32), ``layers`` (L names: the estimator's
     ``layer_names`` or the tracked linear layers of its ``modules``) and ``query_types``
-    (Q labels from ``problem.extra["query_types"]``, else from the sets of
-    ``problem.extra["query_sets"]`` ``{name: [query indices]}``, else None).
+    (Q labels: each query's group in ``problem.query_groups``, or None without groups).
     """
     from estimators.gradients import tracked_layers
 
@@ -120,14 +119,8 @@ def write_layer_scores(out_dir: Path, estimator: Any, problem: Any) -> None:
                                                         getattr(estimator, "modules", None))]
     if len(names) != layer_scores.shape[0]:
         names = [f"layer{i}" for i in range(layer_scores.shape[0])]
-    types = problem.extra.get("query_types")
-    if types is None and problem.extra.get("query_sets"):
-        types = [""] * layer_scores.shape[1]
-        for name, indices in problem.extra["query_sets"].items():
-            for q in indices:
-                types[int(q)] = name
-    torch.save({"layer_scores": layer_scores, "layers": list(names),
-                "query_types": None if types is None else [str(t) for t in types]},
+    types = problem.query_group_of() if problem.query_groups else None
+    torch.save({"layer_scores": layer_scores, "layers": list(names), "query_types": types},
                out_dir / "layer_scores.pt")
 
 

@@ -15,7 +15,12 @@ and nothing task-specific:
   model's predictive distribution (the true Fisher of K-FAC);
 * ``l2``: the coefficient of an L2 regulariser (λ₂/2)‖θ‖² in the training objective, which
   enters every curvature as λ₂I and never a training example's gradient;
-* the text of training examples and queries, where the task has text (BM25).
+* the text of training examples and queries, where the task has text (BM25);
+* optional capabilities, typed, ``None`` where a task does not offer them: the queries'
+  ``proponents`` (fact tracing), ``query_groups`` (e.g. forward and flipped facts),
+  ``flipped_labels`` (mislabel detection), ``tail_patch`` (one training step on one
+  document), a ``model_factory`` (more trained models of the same task, for ensembles) and
+  ``task_metrics`` (numbers the task reports about its model, e.g. query accuracy).
 
 Splitting the forward pass from the loss keeps the contract small and still gives exact
 Gauss-Newton products (J^T ∇²ℓ J) without task-specific code.
@@ -55,6 +60,22 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class TailPatch:
+    """How the tail-patch test takes one training step on one document (Chang et al. 2024).
+
+    Attributes:
+        lr: the step's learning rate.
+        step_loss: ``(model, batch) -> scalar``, the loss of one training step on a batch.
+        adam: the final Adam state ``{step, betas, eps, exp_avg_sq: {parameter name: v}}``
+            (see :func:`adam_state`), or None for a plain gradient step.
+    """
+
+    lr: float
+    step_loss: Callable[[nn.Module, Batch], Tensor]
+    adam: dict[str, Any] | None = None
+
+
 @dataclass
 class AttributionProblem:
     """A trained model, its training set and queries, and the functions that define them.
@@ -77,7 +98,21 @@ class AttributionProblem:
     train_text: Sequence[str] | None = None
     query_text: Sequence[str] | None = None
     key: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Optional capabilities (None: the task does not offer them).
+    proponents: list[list[int]] | None = None  # per query: training indices stating its fact
+    query_groups: dict[str, list[int]] | None = None  # {group: query indices}; "forward" first
+    flipped_labels: Tensor | None = None  # bool [n_train]: training labels the task corrupted
+    tail_patch: TailPatch | None = None
+    model_factory: Callable[[int], nn.Module] | None = None  # seed -> another trained model
+    task_metrics: dict[str, float] = field(default_factory=dict)
+
+    def query_group_of(self) -> list[str]:
+        """``[n_queries]``: each query's group name ("" where it belongs to none)."""
+        names = [""] * self.n_queries
+        for name, indices in (self.query_groups or {}).items():
+            for q in indices:
+                names[int(q)] = name
+        return names
 
     @property
     def n_train(self) -> int:

@@ -18,9 +18,11 @@ proponent). λ = ``damping`` × tr(ΦᵀΦ)/d keeps the d × d solve well posed 
 Self-influence is the averaged leverage φ_mᵀ(ΦᵀΦ + λI)⁻¹φ_m times the averaged (1 − p_m).
 
 The first ensemble member is the attributed model; the others come from the problem's
-``extra["train_model"](seed)`` hook (seeds ``seed + 1, ...``; the harness caches them like the
-attributed model). Projected training features are stored in the gradient index when
-``index_dir`` is set, so each (model, projection) pair is differentiated once.
+``model_factory(seed)`` capability (seeds ``seed + 1, ...``; the harness trains and caches
+them like the attributed model). A task that cannot train more models (a given checkpoint)
+has no factory, and ``n_models > 1`` is refused rather than one model repeated. Projected
+training features are stored in the gradient index when ``index_dir`` is set, so each
+(model, projection) pair is differentiated once.
 """
 
 from __future__ import annotations
@@ -77,14 +79,14 @@ class TRAK(GradientEstimator):
 
     def ensemble(self, problem: AttributionProblem) -> list[AttributionProblem]:
         """The problem for each ensemble member; the first is ``problem`` itself."""
-        if self.n_models > 1 and "train_model" not in problem.extra:
+        if self.n_models > 1 and problem.model_factory is None:
             raise ValueError(
-                "trak with n_models > 1 needs more trained models, but the problem has no "
-                "extra['train_model'] hook; run it through the harness (python -m bench) or "
-                "set estimator.n_models=1.")
+                "trak with n_models > 1 needs more models trained on the same task, but this "
+                "problem has no model_factory (the task cannot train them, or the problem was "
+                "built outside the harness); set estimator.n_models=1.")
         problems = [problem]
         for k in range(1, self.n_models):
-            model = problem.extra["train_model"](self.seed + k)
+            model = problem.model_factory(self.seed + k)
             problems.append(dataclasses.replace(problem, model=model))
         return problems
 

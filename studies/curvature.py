@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.cli import CONF_DIR  # noqa: E402
+from studies.common import compose, run_bench, trained_problem  # noqa: E402
 
 ESTIMATORS = ["explicit", "ekfac", "kfac", "lissa", "arnoldi", "grad_dot"]
 TASKS = ["digits_mlp", "digits_logreg"]
@@ -60,45 +61,23 @@ def available(names: list[str]) -> tuple[list[str], list[str]]:
 
 def bench_run(task: str, estimator: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
     """One ``python -m bench`` job; returns its metrics, per-query table and scores."""
-    cmd = [sys.executable, "-m", "bench", f"task={task}", f"estimator={estimator}",
-           f"seed={seed}", "logger=none", "progress=false", "num_threads=1",
-           f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    per_query = pd.read_csv(run_dir / "per_query.csv")
-    scores = torch.load(run_dir / "scores.pt", weights_only=True)
-    return {"metrics": metrics, "per_query": per_query, "scores": scores}
-
-
-def compose_cfg(overrides: list[str]):
-    """A composed run config with HydraConfig set, as ``python -m bench`` would have it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    command = [f"task={task}", f"estimator={estimator}", f"seed={seed}", "logger=none",
+               "progress=false", "num_threads=1", *overrides]
+    done = run_bench(command, run_dir)
+    if done.status != "ok":
+        raise RuntimeError(f"python -m bench {' '.join(command)} failed: {done.reason}")
+    return {"metrics": done.record, "per_query": pd.read_csv(run_dir / "per_query.csv"),
+            "scores": torch.load(run_dir / "scores.pt", weights_only=True)}
 
 
 def depth_search(task_overrides: list[str], depths: list[int], seed: int = 0) -> dict:
     """LiSSA's cosine to explicit's inverse-HVPs on digits_mlp at each depth of the grid."""
     from hydra.utils import instantiate
 
-    from bench.cli import trained_model
-
     torch.set_num_threads(1)
     base = ["task=digits_mlp", f"seed={seed}", "progress=false", "logger=none", *task_overrides]
-    explicit = instantiate(compose_cfg([*base, "estimator=explicit"]).estimator)
-    cfg = compose_cfg([*base, "estimator=lissa"])
-    task = instantiate(cfg.task, device="cpu")
-    model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
-    problem = task.problem(model, checkpoints)
+    explicit = instantiate(compose([*base, "estimator=explicit"]).estimator)
+    problem, task, cfg = trained_problem([*base, "estimator=lissa"])
     explicit.fit(problem)
     engine = explicit.engine(problem)
     q = engine.flatten(engine.all_gradients(problem, "queries", 256))

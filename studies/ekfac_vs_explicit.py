@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from estimators.ekfac import EKFAC, KFAC
 from estimators.explicit import Explicit, curvature_matrix
 from estimators.grad_dot import GradDot
+from studies import common
 
 EXPLICIT_DAMPING = 1e-3
 
@@ -36,11 +34,9 @@ def mean_query_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def trained_problem(task_name: str, seed: int):
-    cfg = OmegaConf.load(resources.files("conf") / "task" / f"{task_name}.yaml")
-    cfg.lds, cfg.loo = None, None  # ground truth is not needed here
-    task = instantiate(cfg)
-    model = task.build_model(seed)
-    return task.problem(model, task.fit(model, seed=seed))
+    """The attributed model of ``task_name`` and ``seed`` (trained once, cached)."""
+    return common.trained_problem([f"task={task_name}", f"seed={seed}", "logger=none",
+                                   "progress=false"])[0]
 
 
 def rows_for(task_name: str, seed: int) -> list[dict]:

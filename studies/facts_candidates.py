@@ -17,33 +17,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
-from bench.cli import trained_model
-from bench.fact_metrics import fact_tracing, ranking
+from bench.metrics.fact_tracing import fact_tracing, ranking
 from estimators.grad_dot import GradDot
 from estimators.problem import AttributionProblem
-from tasks.facts import Facts
+from studies.common import trained_problem
 
 
 def first_queries(problem: AttributionProblem, n: int) -> AttributionProblem:
-    """The problem with only the first ``n`` queries of each query set."""
-    sets = problem.extra["query_sets"]
-    keep = [q for idx in sets.values() for q in idx[:n]]
-    new_sets, start = {}, 0
-    for name, idx in sets.items():
-        new_sets[name] = list(range(start, start + len(idx[:n])))
+    """The problem with only the first ``n`` queries of each query group."""
+    groups = problem.query_groups
+    keep = [q for idx in groups.values() for q in idx[:n]]
+    new_groups, start = {}, 0
+    for name, idx in groups.items():
+        new_groups[name] = list(range(start, start + len(idx[:n])))
         start += len(idx[:n])
-    extra = {**problem.extra, "query_sets": new_sets,
-             "proponents": [problem.extra["proponents"][q] for q in keep]}
-    return dataclasses.replace(problem, queries=Subset(problem.queries, keep), extra=extra,
+    return dataclasses.replace(problem, queries=Subset(problem.queries, keep),
+                               query_groups=new_groups,
+                               proponents=[problem.proponents[q] for q in keep],
                                query_text=[problem.query_text[q] for q in keep])
 
 
@@ -59,15 +55,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="task overrides (key=value)")
     args = parser.parse_args()
 
-    task_cfg = OmegaConf.load(resources.files("conf") / "task" / "facts.yaml")
-    task_cfg.merge_with(OmegaConf.from_dotlist(args.overrides))
-    cfg = OmegaConf.create({"task_name": "facts", "task": task_cfg, "seed": 0,
-                            "progress": False})
-    cache = Path(os.environ.get("TDA_BENCH_CACHE", Path.home() / ".cache" / "tda-bench"))
-    task = Facts(**{k: v for k, v in OmegaConf.to_container(task_cfg).items()
-                    if k != "_target_"})
-    model, checkpoints = trained_model(task, cfg, cache)
-    problem = task.problem(model, checkpoints)
+    overrides = [o if o.startswith(("task.", "+task.")) else f"task.{o}" for o in args.overrides]
+    problem = trained_problem(["task=facts", "progress=false", "logger=none", *overrides])[0]
     if args.n_queries:
         problem = first_queries(problem, args.n_queries)
 
@@ -86,9 +75,9 @@ def main() -> None:
     survive = scored.gather(1, top_full).sum(1).double()  # unfiltered top-n among candidates
     overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist()))
                             for a, b in zip(top_full, top_filtered, strict=True)]).double()
-    sets = problem.extra["query_sets"]
-    m_full, _ = fact_tracing(problem, full, with_tail_patch=False)
-    m_filtered, _ = fact_tracing(problem, filtered, with_tail_patch=False)
+    sets = problem.query_groups
+    m_full, _ = fact_tracing(problem, full)
+    m_filtered, _ = fact_tracing(problem, filtered)
     report = {
         "task_overrides": args.overrides, "retriever": args.retriever, "k": args.k,
         "n_queries_per_set": args.n_queries,

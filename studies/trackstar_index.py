@@ -18,26 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import open_dict
 from torch.utils.data import Subset
 
-from bench.cli import CONF_DIR, trained_model
 from estimators.trackstar import TrackStar
+from studies.common import trained_problem
 
 
 def facts_problem(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["task=facts", "estimator=trackstar", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = tempfile.mkdtemp()
-    HydraConfig.instance().set_config(cfg)
-    task = instantiate(cfg.task, device=cfg.device)
-    model, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
-    return task.problem(model, checkpoints), cfg
+    problem, _, cfg = trained_problem(["task=facts", "estimator=trackstar", *overrides])
+    return problem, cfg
 
 
 def measure(problem, structure: str, dim: int, n_new: int) -> dict:

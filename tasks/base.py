@@ -13,13 +13,14 @@ import copy
 import logging
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from estimators.problem import AttributionProblem, Checkpoint, move_to
+from estimators.problem import AttributionProblem, Checkpoint, eval_mode, move_to
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -35,38 +36,37 @@ class Task(ABC):
         VERSION: bump whenever a code change alters trained models or measurements; it is
             part of every cache key (models and ground truth).
         convex: whether the training objective is convex, so that leave-one-out retraining
-            is well defined (LOO ground truth is offered only then).
+            is well defined (the ``loo`` ground truth refuses other tasks).
+        retrainable: whether :meth:`fit` can train the model on a subset of the training
+            set (the retraining ground truths, ``lds`` and ``loo``, refuse other tasks).
 
     Args:
         split_seed: seed of the train/query split.
-        lds: LDS ground-truth settings (``subsets``, ``fraction``, ``seeds``) or None.
-        loo: LOO ground-truth settings (``n``) or None; only for convex tasks.
-        pbrf: PBRF ground-truth settings (see :mod:`bench.pbrf`) or None. It depends on the
-            attributed model, so it is not among the retraining kinds of ``ground_truths``.
         device: where models train and are attributed (``cpu``, ``cuda``, ``auto``).
+        **truths: the settings of each ground-truth kind the task offers, under the kind's
+            name (``lds``, ``loo``, ``pbrf``, or a plug-in's; see ``bench.truths``), None to
+            disable one. The harness checks the names and values before any work.
     """
 
     VERSION = 1
     convex = False
+    retrainable = True
 
-    def __init__(self, split_seed: int = 0, lds: dict | None = None, loo: dict | None = None,
-                 device: str = "cpu", pbrf: dict | None = None):
-        if loo and not self.convex:
-            raise ValueError(
-                f"{type(self).__name__} is not convex: removing one training point moves a "
-                "non-convex model less than a change of seed, so LOO is not offered; set "
-                "task.loo=null and use LDS."
-            )
+    def __init__(self, split_seed: int = 0, device: str = "cpu", **truths: dict | None):
         self.split_seed = int(split_seed)
-        self.lds = dict(lds) if lds else None
-        self.loo = dict(loo) if loo else None
-        self.pbrf = dict(pbrf) if pbrf else None
         self.device = resolve_device(device)
+        self.truths: dict[str, dict] = {}
+        for name, settings in truths.items():
+            if settings is not None and not isinstance(settings, Mapping):
+                raise ValueError(f"task.{name} must be a mapping of ground-truth settings or "
+                                 f"null, got {settings!r}")
+            if settings:
+                self.truths[name] = dict(settings)
 
     @property
     def ground_truths(self) -> list[str]:
-        """The ground-truth kinds this task offers, e.g. ``["loo", "lds"]``."""
-        return [k for k in ("loo", "lds") if getattr(self, k)]
+        """The ground-truth kinds configured for this task, e.g. ``["lds", "pbrf"]``."""
+        return list(self.truths)
 
     @property
     @abstractmethod
@@ -104,9 +104,8 @@ class Task(ABC):
     def measure_queries(self, model: nn.Module, batch_size: int = 256) -> Tensor:
         """The measurement of every query under ``model``: ``[n_queries]``, float64, on CPU."""
         problem = self.problem(model, [])
-        model.eval()
         values = []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for batch in problem.loader("queries", batch_size):
                 batch = move_to(batch, problem.device)
                 values.append(problem.query_measure(model, batch).double().cpu())

@@ -4,7 +4,7 @@ The mislabel-detection benchmark of Koh & Liang (2017, §5.4) and Pruthi et al. 
 rank training examples by self-influence ∇L(z_m)ᵀ H⁻¹ ∇L(z_m) and count how many flipped
 labels the top of the ranking holds. Each flipped label is replaced by a different class
 drawn uniformly; which ones are flipped depends only on ``noise_seed`` (and the split), and
-the problem exposes them as ``problem.extra["flipped"]`` (bool ``[n_train]``). Queries keep
+the problem exposes them as ``problem.flipped_labels`` (bool ``[n_train]``). Queries keep
 their true labels. Ground truth: LDS on the noisy training set, as for ``digits_mlp``.
 """
 
@@ -49,5 +49,5 @@ class DigitsMLPNoisy(DigitsMLP):
 
     def problem(self, model: nn.Module, checkpoints: list[Checkpoint]) -> AttributionProblem:
         problem = super().problem(model, checkpoints)
-        problem.extra["flipped"] = self.flipped.clone()
+        problem.flipped_labels = self.flipped.clone()
         return problem

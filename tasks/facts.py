@@ -12,9 +12,10 @@ tokenizer is built from the world's text with the ``tokenizers`` library. With
 ``export_dir`` set, the trained model, the tokenizer (``save_pretrained``), ``corpus.jsonl``
 and ``queries.jsonl`` are written there, ready for the ``hf_lm`` task.
 
-``problem.extra``: ``proponents`` (per query), ``query_sets`` (``forward``/``flipped``
-indices), ``tail_patch`` (peak lr, AdamW's final state, step loss) and ``metrics``
-(``query_accuracy``: exact match of the forward queries; ``flipped_query_accuracy``).
+The problem's capabilities: ``proponents`` (per query), ``query_groups``
+(``forward``/``flipped`` indices), ``tail_patch`` (peak lr, AdamW's final state, step loss)
+and ``task_metrics`` (``query_accuracy``: exact match of the forward queries;
+``flipped_query_accuracy``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Facts(lm.LMTask):
                  train: dict | None = None, max_length: int = 64,
                  tail_patch_lr: float | None = None, export_dir: str | None = None, **task):
         super().__init__(**task)
-        if self.lds or self.loo:
+        if {"lds", "loo"} & set(self.truths):
             raise ValueError("facts has proponents as its ground truth, not LDS or LOO; set "
                              "task.lds=null and task.loo=null.")
         self.world_cfg = dict(world or {})
@@ -142,15 +143,15 @@ class Facts(lm.LMTask):
         return sets
 
     def problem(self, model: nn.Module, checkpoints: list[Checkpoint]) -> AttributionProblem:
-        extra = {"proponents": [q["proponents"] for q in self.world.queries],
-                 "query_sets": self.query_sets()}
+        fields: dict = {"proponents": [list(q["proponents"]) for q in self.world.queries],
+                        "query_groups": self.query_sets()}
         if checkpoints:
             lr = self.tail_patch_lr if self.tail_patch_lr is not None else self.train_cfg["lr"]
-            extra["tail_patch"] = lm.tail_patch_spec(model, checkpoints, float(lr))
+            fields["tail_patch"] = lm.tail_patch_spec(model, checkpoints, float(lr))
             correct = lm.exact_match(model, self.query_data, lm.make_collate(
                 self.tokenizer.pad_token_id), device=next(model.parameters()).device)
-            sets = extra["query_sets"]
-            extra["metrics"] = {
+            sets = fields["query_groups"]
+            fields["task_metrics"] = {
                 "query_accuracy": float(correct[sets["forward"]].float().mean()),
                 "flipped_query_accuracy": float(correct[sets["flipped"]].float().mean()),
             }
@@ -158,7 +159,7 @@ class Facts(lm.LMTask):
                 self.export(model, Path(self.export_dir))
         return lm.lm_problem(model, checkpoints, self.train_data, self.query_data,
                              self.tokenizer.pad_token_id, train_text=list(self.world.documents),
-                             query_text=self.query_texts, extra=extra)
+                             query_text=self.query_texts, **fields)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         """Saves model and tokenizer (``save_pretrained``) and the corpus and queries as jsonl."""

@@ -63,13 +63,11 @@ class HFLM(lm.LMTask):
     """
 
     VERSION = 1
+    retrainable = False  # the model is given, not trained here
 
     def __init__(self, model: str, corpus: str, queries: str, max_length: int = 256,
                  dtype: str = "float32", tail_patch_lr: float | None = None, **task):
         super().__init__(**task)
-        if self.lds or self.loo:
-            raise ValueError("hf_lm has no retraining ground truth; set task.lds=null and "
-                             "task.loo=null.")
         if dtype not in ("float32", "float64", "bfloat16"):
             raise ValueError(f"task.dtype must be float32, float64 or bfloat16, got {dtype!r}")
         from transformers import AutoTokenizer
@@ -117,14 +115,14 @@ class HFLM(lm.LMTask):
         sets: dict[str, list[int]] = {}
         for i, q in enumerate(self.queries):
             sets.setdefault(str(q.get("set", "forward")), []).append(i)
-        extra: dict = {"query_sets": sets}
+        fields: dict = {"query_groups": sets}
         if any(self.proponents):
-            extra["proponents"] = self.proponents
+            fields["proponents"] = self.proponents
         if self.tail_patch_lr is not None:
-            extra["tail_patch"] = lm.tail_patch_spec(model, checkpoints, float(self.tail_patch_lr))
+            fields["tail_patch"] = lm.tail_patch_spec(model, checkpoints, self.tail_patch_lr)
         correct = lm.exact_match(model, self.query_data, lm.make_collate(self.pad_id),
                                  device=next(model.parameters()).device)
-        extra["metrics"] = {"query_accuracy": float(correct.float().mean())}
+        fields["task_metrics"] = {"query_accuracy": float(correct.float().mean())}
         texts = [q["prompt"] + " " + q["target"] for q in self.queries]
         return lm.lm_problem(model, checkpoints, self.train_data, self.query_data, self.pad_id,
-                             train_text=self.texts, query_text=texts, extra=extra)
+                             train_text=self.texts, query_text=texts, **fields)

@@ -27,6 +27,7 @@ from estimators.problem import (
     IGNORE,
     AttributionProblem,
     Checkpoint,
+    TailPatch,
     adam_state,
     cross_entropy_sum,
     move_to,
@@ -164,16 +165,16 @@ def exact_match(model: nn.Module, data: Dataset, collate, batch_size: int = 128,
     return torch.cat(out)
 
 
-def tail_patch_spec(model: nn.Module, checkpoints: list[Checkpoint], lr: float | None) -> dict:
-    """What ``bench.fact_metrics`` needs for tail-patch: lr, the final Adam state (or None:
-    a plain gradient step) and the step loss."""
+def tail_patch_spec(model: nn.Module, checkpoints: list[Checkpoint], lr: float) -> TailPatch:
+    """The tail-patch step of an LM: ``lr``, the final Adam state (or None: a plain gradient
+    step) and the step loss (mean token NLL)."""
     opt = checkpoints[-1].optimizer_state if checkpoints else None
-    return {"lr": lr, "adam": adam_state(model, opt), "step_loss": step_loss}
+    return TailPatch(lr=float(lr), step_loss=step_loss, adam=adam_state(model, opt))
 
 
 def lm_problem(model: nn.Module, checkpoints: list[Checkpoint], train: TokenDataset,
                queries: TokenDataset, pad_id: int, **fields) -> AttributionProblem:
-    """An :class:`AttributionProblem` of a causal LM (fields: texts, key, extra)."""
+    """An :class:`AttributionProblem` of a causal LM (``fields``: texts, capabilities)."""
     return AttributionProblem(
         model=model, train=train, queries=queries, collate_fn=make_collate(pad_id),
         outputs=lm_outputs, loss=summed_nll, measure=log_prob, sample_targets=sample_labels,

@@ -108,3 +108,15 @@ def write_run(root, task, estimator, seed, lds, *, seconds=1.0, extra=None, comm
     if scores is not None:
         torch.save(scores, out / "scores.pt")
     return out
+
+
+def ground_truth_of(cfg, kind: str):
+    """``(ctx, kind, plan)``: one ground-truth kind of the run ``cfg`` as the harness
+    resolves it (the attributed model trained first where the kind needs it)."""
+    from bench import stages
+
+    job = stages.resolve(cfg)
+    truth = job.kinds[kind]
+    if truth.needs != "task":
+        stages.model(job)
+    return job.ctx, truth, truth.plan(job.ctx)

@@ -102,3 +102,10 @@ def test_files_stay_small():
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"files over {MAX_LINES} lines: {big}"
 
+
+
+def test_no_untyped_side_channel_on_the_problem():
+    sources = [p for package in PACKAGES for p in (REPO / package).rglob("*.py")]
+    users = [str(p.relative_to(REPO)) for p in sources
+             if "problem.extra" in p.read_text() or ".extra[" in p.read_text()]
+    assert not users, f"problem.extra is gone; use the problem's typed capabilities: {users}"

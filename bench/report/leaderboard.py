@@ -17,6 +17,8 @@ seeds, queries (the query set is shared by the seeds). Its generator is seeded f
 ``--bootstrap-seed`` and the cell's name, so a rebuild is byte-identical and adding a row
 leaves the others unchanged. Nothing in the output depends on the time of the build.
 
+The metric specs (:mod:`bench.metrics`) say which columns lead, which are costs and which
+way is better; records of runs that loaded plug-ins name them, and they are loaded here too.
 Rows and columns: :mod:`bench.report.records`; intervals and paired differences:
 :mod:`bench.report.stats`; rendering: :mod:`bench.report.tables`; plots:
 :mod:`bench.report.plots`.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.plugins import load_plugins
 from bench.record import read_errors
 from bench.report import stats
 from bench.report import tables as render
@@ -52,6 +55,7 @@ def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be at least 1, got {n_boot}")
     runs = collect(directories)
+    load_plugins(sorted({name for run in runs for name in run.record.get("plugins") or []}))
     frame = label_runs(runs)
     metrics = metric_names(list(frame["run"]))
     cells = stats.aggregate(frame, metrics, expected_seeds(frame, seeds), n_boot, seed)

@@ -2,7 +2,7 @@
 distribution of influence scores per query, and the layer-wise influence share.
 
 * ``accuracy_vs_cost_{task}.png``: each headline accuracy metric (those of
-  :data:`~bench.report.tables.ACCURACY`, else the first others) against fit+score
+  headline metrics (:mod:`bench.metrics`), else the first others) against fit+score
   seconds (log x), one point per estimator with its 95 % bootstrap intervals on both axes;
   the LDS noise ceiling as a dashed line.
 * ``score_ccdf_{task}_{estimator}.png``: the log-log complementary CDF of |score(q, ·)| for
@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from bench.report.tables import ACCURACY, CEILING, estimator_order, is_cost, metric_order
+from bench.metrics import is_cost, is_headline
+from bench.report.tables import CEILING, estimator_order, metric_order
 
 MAX_QUERIES = 6  # queries drawn in a CCDF plot
-MAX_PANELS = 6  # metrics drawn in an accuracy-vs-cost plot (the ACCURACY ones first)
+MAX_PANELS = 6  # metrics drawn in an accuracy-vs-cost plot (the headline ones first)
 
 
 def slug(text: str) -> str:
@@ -148,7 +149,7 @@ def accuracy_vs_cost_figure(cells: pd.DataFrame, task: str) -> Figure | None:
     """Each accuracy metric of ``task`` against fit+score seconds, log x, with intervals."""
     here = cells[cells["task"] == task]
     metrics = [m for m in metric_order(here["metric"]) if not is_cost(m)]
-    headline = [m for m in metrics if m in ACCURACY]
+    headline = [m for m in metrics if is_headline(m)]
     metrics = (headline or metrics)[:MAX_PANELS]
     cost = here[here["metric"] == "seconds"].set_index("estimator")
     if not metrics or cost.empty:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.metrics import is_cost, is_headline
 from bench.report import tables as render
-from bench.report.tables import ACCURACY, is_cost
 
 # Per-query columns named differently from their record key.
 COLUMN_ALIASES = {"mrr": "rr"}
@@ -148,12 +148,12 @@ def query_values(per_query: pd.DataFrame | None, metric: str) -> np.ndarray | No
 
 
 def metric_names(runs: list[Run]) -> list[str]:
-    """Metrics present in the records: accuracy (the :data:`ACCURACY` keys and every key with
+    """Metrics present in the records: accuracy (the headline metrics and every key with
     per-query values) and costs (``seconds`` = fit + score, every ``*_mb`` memory key)."""
     found = set()
     for run in runs:
         found |= {k for k, v in run.record.items() if isinstance(v, int | float | None) and (
-            k in ACCURACY or is_cost(k) or query_values(run.per_query, k) is not None)}
+            is_headline(k) or is_cost(k) or query_values(run.per_query, k) is not None)}
         if "fit_seconds" in run.record and "score_seconds" in run.record:
             found.add("seconds")
     return render.metric_order(found - {"seed"})

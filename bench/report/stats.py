@@ -21,8 +21,9 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from bench.metrics import higher_is_better, is_headline
 from bench.report.records import command_for, per_seed_values
-from bench.report.tables import ACCURACY, CEILING, FLOOR, is_cost
+from bench.report.tables import CEILING, FLOOR
 
 Comparison = tuple[str, str]  # (A, B): rows whose difference A − B is reported
 
@@ -97,7 +98,7 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
             values = _stack([p[1] for p in pairs])
             lo, hi = bootstrap_interval(values, cell_seed(seed, task, estimator, metric), n_boot)
             rows.append({**base, "metric": metric, "mean": float(np.nanmean(scalars)),
-                         "lo": lo, "hi": hi, "higher_is_better": not is_cost(metric)})
+                         "lo": lo, "hi": hi, "higher_is_better": higher_is_better(metric)})
     ceilings = [{"task": task, "value": float(run.record["lds_ceiling"])}
                 for task, run in zip(frame["task"], frame["run"], strict=True)
                 if run.record.get("lds_ceiling") is not None]
@@ -136,8 +137,8 @@ def _per_seed(frame: pd.DataFrame, task: str, estimator: str) -> dict[int, objec
 
 def differences(frame: pd.DataFrame, metrics: list[str], compare: list[Comparison],
                 n_boot: int = 2000, seed: int = 0, strict: bool = True) -> pd.DataFrame:
-    """One row per (task, A, B, headline accuracy metric: ``ACCURACY`` of
-    :mod:`bench.report.tables`) with both rows present on common seeds.
+    """One row per (task, A, B, headline metric of :mod:`bench.metrics`) with both rows
+    present on common seeds.
 
     Columns: ``task, a, b, metric, a_mean, b_mean, diff, lo, hi, seeds`` where ``diff`` is
     the mean over common seeds of (A's metric − B's) and ``lo``/``hi`` the 95 % paired
@@ -163,7 +164,7 @@ def differences(frame: pd.DataFrame, metrics: list[str], compare: list[Compariso
             seeds = sorted(set(runs_a) & set(runs_b))
             if not seeds:
                 continue
-            for metric in (m for m in metrics if m in ACCURACY):
+            for metric in (m for m in metrics if is_headline(m)):
                 pairs = [(per_seed_values(runs_a[s], metric), per_seed_values(runs_b[s], metric))
                          for s in seeds]
                 scalar_a = np.array([p[0][0] for p in pairs])

@@ -1,6 +1,7 @@
 """Rendering of the leaderboard's long table of cells into ``leaderboard.csv`` and
-``LEADERBOARD.md`` (see :mod:`bench.report.leaderboard`). Deterministic: sorted, fixed formats, no
-build time."""
+``LEADERBOARD.md`` (see :mod:`bench.report.leaderboard`). Deterministic: sorted, fixed formats,
+no build time. Which metrics lead a table, which are costs and which way is better come from
+the metric specs (:mod:`bench.metrics`)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# Accuracy metrics (higher is better), in the order tables show them; any other metric that
-# has per-query values in per_query.csv comes after them, alphabetically.
-ACCURACY = ("lds", "loo_pearson", "loo_spearman", "pbrf_pearson", "pbrf_spearman", "mrr",
-            "recall@10", "tail_patch", "mislabel_auc")
-# Costs (lower is better): fit+score ``seconds`` and every memory key ``*_mb`` (MiB) of the
-# records, these first.
-COSTS = ("seconds", "peak_rss_mb")
+from bench.metrics import higher_is_better, is_cost, is_headline
+from bench.metrics.registry import order_of
 
-
-def is_cost(metric: str) -> bool:
-    """Whether ``metric`` is a cost (lower is better): ``seconds`` or a ``*_mb`` memory."""
-    return metric == "seconds" or metric.endswith("_mb")
 CEILING = "LDS noise ceiling"
 FLOOR = "random"
 
 
 def metric_order(metrics) -> list[str]:
-    """Accuracy metrics in :data:`ACCURACY` order, then others alphabetically, then costs."""
+    """Headline metrics in their specs' order (:mod:`bench.metrics`), then every other
+    metric alphabetically, then the costs in their specs' order."""
     metrics = set(metrics)
-    known = [m for m in ACCURACY if m in metrics]
-    others = sorted(m for m in metrics - set(ACCURACY) if not is_cost(m))
-    costs = [m for m in COSTS if m in metrics]
-    return known + others + costs + sorted(m for m in metrics - set(COSTS) if is_cost(m))
+    headline = sorted((m for m in metrics if is_headline(m)), key=order_of)
+    costs = sorted((m for m in metrics if is_cost(m)), key=order_of)
+    return headline + sorted(metrics - set(headline) - set(costs)) + costs
 
 
 def estimator_order(estimators) -> list[str]:
@@ -92,7 +84,7 @@ def task_section(task: str, cells: pd.DataFrame) -> list[str]:
     """The markdown table of one task, then its commands."""
     here = cells[cells["task"] == task]
     metrics = metric_order(here["metric"])
-    arrows = [f"{m} {'↓' if is_cost(m) else '↑'}" for m in metrics]
+    arrows = [f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in metrics]
     lines = [f"## {task}", "", _md_row(["estimator", *arrows, "seeds"]),
              "|" + "---|" * (len(metrics) + 2)]
     commands = []

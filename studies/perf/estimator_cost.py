@@ -20,19 +20,18 @@ size of that task).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cli import CONF_DIR as CONF
+from studies.common import Result, run_bench
+
 SECTION = "estimator-cost"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(CONF)
 # What sets the training-set size, and the default two sizes (digits: 1,797 images, 100 of
 # them queries; facts: the default world and one with twice the people).
 SIZE_KEY = {"digits_mlp": "task.n_train", "digits_mlp_noisy": "task.n_train",
@@ -42,18 +41,6 @@ DEFAULT_SIZES = {"digits_mlp": [500, 1000], "facts": [150, 300]}
 TASK_OVERRIDES = {"digits_mlp": ["task.pbrf=null"], "digits_logreg": ["task.pbrf=null"],
                   "facts": ["fact_metrics.with_tail_patch=false"]}
 COMMON = ["logger=none", "num_threads=1", "seed=0", "progress=false"]
-
-
-@dataclass
-class Result:
-    """One ``python -m bench`` subprocess: its status and what it recorded."""
-
-    status: str  # ok | na | timeout | error | skipped
-    wall: float = 0.0
-    record: dict = field(default_factory=dict)
-    reason: str = ""
-    n_train: int | None = None
-    n_queries: int | None = None
 
 
 def estimator_names(conf_dir: Path = CONF_DIR) -> list[str]:
@@ -73,50 +60,17 @@ def without_keys(overrides: list[str], keys: set[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
 
 
-def run_bench(overrides: list[str], cache_dir: Path, out_dir: Path, timeout: float) -> Result:
-    """Runs ``python -m bench`` with ``overrides``; reads its metrics.json (and scores shape)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "HYDRA_FULL_ERROR": "1"}  # a crash's traceback ends with the exception's line
-    command = [sys.executable, "-m", "bench", *overrides, f"cache_dir={cache_dir}",
-               f"hydra.run.dir={out_dir}"]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return Result("timeout", time.perf_counter() - start, reason=f"> {timeout:g} s")
-    wall = time.perf_counter() - start
-    errors = [line.split("tda-bench: error:", 1)[1].strip()
-              for line in done.stderr.splitlines() if "tda-bench: error:" in line]
-    if done.returncode == 2 and errors:  # the harness's one-sentence refusal
-        return Result("na", wall, reason=errors[-1])
-    if done.returncode != 0 or not (out_dir / "metrics.json").exists():
-        return Result("error", wall, reason=f"exit {done.returncode}: {exception(done.stderr)}")
-    result = Result("ok", wall, record=json.loads((out_dir / "metrics.json").read_text()))
-    if (out_dir / "scores.pt").exists():
-        import torch
-
-        result.n_queries, result.n_train = torch.load(out_dir / "scores.pt").shape
-    return result
-
-
-def exception(stderr: str) -> str:
-    """The last ``SomeError: message`` line of a traceback (else the last line)."""
-    lines = stderr.strip().splitlines() or ["no output"]
-    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
-    return (raised or lines)[-1]
-
-
 def warm_up(task_overrides: list[str], cache: Path, work: Path, timeout: float,
             ensemble: int) -> Result:
     """Trains the model(s) and computes the ground truth of one (task, size) into ``cache``."""
     base = [*task_overrides, *COMMON, "estimator=random", "save_scores=true"]
-    result = run_bench(base, cache, work / "warm-seed0", timeout)
+    result = run_bench(base, work / "warm-seed0", cache, timeout)
     if result.status != "ok":
         raise RuntimeError(f"warm-up run failed ({result.reason}); run `python -m bench "
                            f"{' '.join(base)}` to see why.")
     for seed in range(1, ensemble):  # TRAK's ensemble members: trained here, not in its fit
-        extra = run_bench([*base, f"seed={seed}", "save_scores=false"], cache,
-                          work / f"warm-seed{seed}", timeout)
+        extra = run_bench([*base, f"seed={seed}", "save_scores=false"],
+                          work / f"warm-seed{seed}", cache, timeout)
         if extra.status != "ok":
             raise RuntimeError(f"warm-up of seed {seed} failed ({extra.reason}).")
         result.wall += extra.wall
@@ -135,7 +89,7 @@ def timed_run(task_overrides: list[str], estimator: str, cache: Path, work: Path
         (run_cache / name).symlink_to((cache / name).resolve(), target_is_directory=True)
     try:
         return run_bench([*task_overrides, *COMMON, f"estimator={estimator}",
-                          "save_scores=false"], run_cache, work / f"run-{estimator}", timeout)
+                          "save_scores=false"], work / f"run-{estimator}", run_cache, timeout)
     finally:
         shutil.rmtree(run_cache, ignore_errors=True)
 

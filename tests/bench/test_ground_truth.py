@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 import bench.ground_truth as gt
 from bench.cache import load_checked, save_atomic, sweep_stale_temp_files
-from bench.cli import run, task_config
+from bench.cli import run
+from tests.helpers import ground_truth_of
 
 
 def lds_plan(cfg):
-    task = instantiate(cfg.task)
-    return task, gt.plan(task, cfg.task_name, task_config(cfg), "lds")
+    return ground_truth_of(cfg, "lds")
 
 
 def test_second_run_retrains_nothing(make_cfg, monkeypatch):
@@ -31,21 +30,21 @@ def test_second_run_retrains_nothing(make_cfg, monkeypatch):
 
 
 def test_ground_truth_is_shared_by_seeds_and_estimators(make_cfg):
-    a = lds_plan(make_cfg("digits_mlp", "seed=0", "estimator=grad_dot"))[1]
-    b = lds_plan(make_cfg("digits_mlp", "seed=3", "estimator=explicit"))[1]
-    c = lds_plan(make_cfg("digits_mlp", "task.split_seed=1"))[1]
+    a = lds_plan(make_cfg("digits_mlp", "seed=0", "estimator=grad_dot"))[2]
+    b = lds_plan(make_cfg("digits_mlp", "seed=3", "estimator=explicit"))[2]
+    c = lds_plan(make_cfg("digits_mlp", "task.split_seed=1"))[2]
     assert a.key == b.key != c.key
 
 
 def test_shards_equal_the_unsharded_result(make_cfg, tmp_path):
     cfg = make_cfg("digits_mlp")
-    task, plan = lds_plan(cfg)
+    ctx, kind, plan = lds_plan(cfg)
     cache = Path(cfg.cache_dir)
-    gt.compute_shard(gt.retraining(task, plan), plan, cache, 0, 1)
-    whole = gt.assemble(plan, cache, 1)
+    gt.compute_shard(kind.work(ctx, plan), plan, cache, 0, 1)
+    whole = kind.assemble(ctx, plan, gt.join(plan, cache, 1))
     for shard in range(3):
-        gt.compute_shard(gt.retraining(task, plan), plan, cache, shard, 3)
-    sharded = gt.assemble(plan, cache, 3)
+        gt.compute_shard(kind.work(ctx, plan), plan, cache, shard, 3)
+    sharded = kind.assemble(ctx, plan, gt.join(plan, cache, 3))
     torch.testing.assert_close(sharded["outputs"], whole["outputs"], rtol=1e-6, atol=0)
     assert whole["values"].shape == (8, 1, 12) and whole["masks"].shape == (8, 120)
     assert whole["masks"].sum(1).eq(60).all()
@@ -53,25 +52,25 @@ def test_shards_equal_the_unsharded_result(make_cfg, tmp_path):
 
 def test_missing_shards_are_listed_with_the_command(make_cfg):
     cfg = make_cfg("digits_mlp")
-    task, plan = lds_plan(cfg)
-    gt.compute_shard(gt.retraining(task, plan), plan, Path(cfg.cache_dir), 1, 3)
+    ctx, kind, plan = lds_plan(cfg)
+    gt.compute_shard(kind.work(ctx, plan), plan, Path(cfg.cache_dir), 1, 3)
     options = gt.GroundTruthOptions(num_shards=3, on_missing="error")
     with pytest.raises(gt.GroundTruthMissing) as err:
-        gt.load_or_compute(gt.retraining(task, plan), plan, Path(cfg.cache_dir), options)
+        gt.load_or_compute(kind.work(ctx, plan), plan, Path(cfg.cache_dir), options)
     assert "missing shards [0, 2] of 3" in str(err.value)
     assert "stage=ground_truth task=digits_mlp ground_truth.num_shards=3" in str(err.value)
 
 
 def test_corrupt_shard_is_detected_and_recomputed(make_cfg, caplog):
     cfg = make_cfg("digits_mlp")
-    task, plan = lds_plan(cfg)
-    path = gt.compute_shard(gt.retraining(task, plan), plan, Path(cfg.cache_dir), 0, 1)
+    ctx, kind, plan = lds_plan(cfg)
+    path = gt.compute_shard(kind.work(ctx, plan), plan, Path(cfg.cache_dir), 0, 1)
     good = torch.load(path, weights_only=True)["values"]
     path.write_bytes(path.read_bytes()[:100])  # truncated, as after a crash of a naive writer
-    again = gt.load_or_compute(gt.retraining(task, plan), plan, Path(cfg.cache_dir),
+    again = gt.load_or_compute(kind.work(ctx, plan), plan, Path(cfg.cache_dir),
                                gt.GroundTruthOptions())
     assert "corrupt" in caplog.text
-    torch.testing.assert_close(again["values"].flatten(), good.flatten())
+    torch.testing.assert_close(again.values.flatten(), good.flatten())
 
 
 def test_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):

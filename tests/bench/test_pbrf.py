@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from bench import ground_truth as gt
-from bench import pbrf
 from bench.cli import run
+from bench.truths import TruthContext
+from bench.truths.pbrf import PBRF
 from estimators.explicit import Explicit
 from tasks.digits_logreg import DigitsLogReg
 
@@ -26,11 +27,13 @@ def logreg():
     return task, task.problem(model, checkpoints)
 
 
+def context(task, problem, cache, task_cfg=None) -> TruthContext:
+    return TruthContext(task, "digits_logreg", task_cfg or {}, cache, problem=problem)
+
+
 def test_pbrf_agrees_with_explicit_ggn(logreg, tmp_path):
     task, problem = logreg
-    plan = pbrf.plan(task, "digits_logreg", {"n_train": 100}, problem)
-    truth = gt.load_or_compute(pbrf.responses(problem, plan), plan, tmp_path,
-                               gt.GroundTruthOptions())
+    truth = PBRF(**SPEC).load(context(task, problem, tmp_path, {"n_train": 100}))
     explicit = Explicit(curvature="ggn", damping=SPEC["damping"])
     explicit.fit(problem)
     predicted = explicit.score(problem)[:, truth["indices"]].T.double()  # [L, Q]
@@ -44,21 +47,20 @@ def test_pbrf_agrees_with_explicit_ggn(logreg, tmp_path):
 
 def test_pbrf_cache_is_keyed_by_model_and_sharded(logreg, tmp_path):
     task, problem = logreg
-    plan = pbrf.plan(task, "digits_logreg", {}, problem)
-    options = gt.GroundTruthOptions(num_shards=2, shard=1)
+    kind, ctx = PBRF(**SPEC), context(task, problem, tmp_path)
+    plan = kind.plan(ctx)
+    ctx.options = gt.GroundTruthOptions(num_shards=2, shard=1)
     for shard in range(2):
-        gt.compute_shard(pbrf.responses(problem, plan), plan, tmp_path, shard, 2)
-    sharded = gt.load_or_compute(pbrf.responses(problem, plan), plan, tmp_path, options)
-    whole = gt.load_or_compute(pbrf.responses(problem, plan), plan, tmp_path / "other",
-                               gt.GroundTruthOptions())
+        kind.compute_shard(ctx, shard, 2)
+    sharded = kind.load(ctx)
+    whole = kind.load(context(task, problem, tmp_path / "other"))
     assert torch.allclose(sharded["effects"], whole["effects"])
     other = task.build_model(1)  # another seed's model: another key
-    problem_b = task.problem(other, [])
-    assert pbrf.plan(task, "digits_logreg", {}, problem_b).key != plan.key
+    ctx_b = context(task, task.problem(other, []), tmp_path)
+    assert kind.plan(ctx_b).key != plan.key
+    ctx_b.options = gt.GroundTruthOptions(on_missing="error")
     with pytest.raises(gt.GroundTruthMissing, match="stage=ground_truth"):
-        plan_b = pbrf.plan(task, "digits_logreg", {}, problem_b)
-        gt.load_or_compute(pbrf.responses(problem_b, plan_b), plan_b, tmp_path,
-                           gt.GroundTruthOptions(on_missing="error"))
+        kind.load(ctx_b)
 
 
 def test_stage_ground_truth_computes_this_seeds_pbrf_shard(make_cfg):

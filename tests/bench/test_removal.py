@@ -1,4 +1,4 @@
-"""Counterfactual proponent removal (bench.removal): removal sets, caching, pairing by seed,
+"""Counterfactual proponent removal (bench.truths.removal): removal sets, caching, pairing by seed,
 vectorised vs sequential retraining, and a ranking that beats random removal."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from bench import ground_truth as gt
-from bench import removal
 from bench.cli import run
+from bench.truths import TruthContext, removal
 from estimators.grad_dot import GradDot
 from tests.helpers import float64_digits_mlp
 
-OPTIONS = gt.GroundTruthOptions()
 TASK_CFG = {"what": "tiny removal test task"}  # stands for the task's config in cache keys
 
 
@@ -33,11 +32,15 @@ def tiny():
     return task, estimator.score(problem).detach()
 
 
+def context(task, cache_dir, scores=None, vectorise=True) -> TruthContext:
+    return TruthContext(task, "tiny", TASK_CFG, cache_dir,
+                        gt.GroundTruthOptions(vectorise=vectorise), scores=scores)
+
+
 def compute(task, scores, cache_dir, vectorise=True, **settings):
-    settings = removal.RemovalOptions(**{"fraction": 0.1, "seeds": 2, "n_queries": 4,
-                                         **settings})
-    options = gt.GroundTruthOptions(vectorise=vectorise)
-    return removal.compute(task, "tiny", TASK_CFG, scores, settings, cache_dir, options)
+    kind = removal.Removal(**{"enabled": True, "fraction": 0.1, "seeds": 2, "n_queries": 4,
+                              **settings})
+    return kind.load(context(task, cache_dir, scores, vectorise))
 
 
 def test_removal_sets_are_the_top_k_and_random_sets_are_seeded():
@@ -54,12 +57,12 @@ def test_removal_sets_are_the_top_k_and_random_sets_are_seeded():
     assert all(len(set(r.tolist())) == 5 for r in first)
     assert torch.equal(first, removal.random_sets(40, 4, 5, seed=1))
     assert not torch.equal(first, removal.random_sets(40, 4, 5, seed=2))
-    settings = removal.RemovalOptions(fraction=0.001, n_queries=3)
+    settings = removal.Removal(fraction=0.001, n_queries=3)
     assert settings.size(100) == 1  # at least one example
-    assert settings.size(1000) == 1 and removal.RemovalOptions(fraction=0.05).size(1000) == 50
+    assert settings.size(1000) == 1 and removal.Removal(fraction=0.05).size(1000) == 50
     assert settings.queries(10).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="removal.fraction"):
-        removal.RemovalOptions(fraction=0.0)
+        removal.Removal(fraction=0.0)
 
 
 def test_cache_is_reused_and_keyed_by_the_ranking(tiny, tmp_path, monkeypatch):
@@ -80,8 +83,9 @@ def test_cache_is_reused_and_keyed_by_the_ranking(tiny, tmp_path, monkeypatch):
         assert torch.equal(first[name], again[name])
 
     spec = {"seeds": 2, "k": k, "queries": [0, 1, 2, 3]}
-    keys = [removal.plan(task, "tiny", TASK_CFG, "removal",
-                         removal.top_proponents(s, torch.arange(4), k), spec).key
+    kind, ctx = removal.Removal(enabled=True), context(task, tmp_path)
+    keys = [kind.removal_plan(ctx, "removal", removal.top_proponents(s, torch.arange(4), k),
+                              spec).key
             for s in (scores, scores.clone(), -scores)]
     assert keys[0] == keys[1] != keys[2]
     # A different ranking retrains its proponent models only; the random baseline is shared.
@@ -103,14 +107,12 @@ def test_proponent_removal_beats_random_and_an_empty_removal_drops_nothing(tiny,
 
     # Removing nothing, paired by seed, retrains the full-data models exactly: drop 0.
     spec = {"seeds": 2, "k": 0, "queries": [0, 1]}
-    empty = removal.plan(task, "tiny", TASK_CFG, "removal", torch.zeros(2, 0, dtype=torch.long),
-                         spec)
-    baseline = removal.plan(task, "tiny", TASK_CFG, "removal_random",
-                            torch.zeros(0, 0, dtype=torch.long), spec)
+    kind, ctx = removal.Removal(enabled=True), context(task, tmp_path, vectorise=False)
+    empty = kind.removal_plan(ctx, "removal", torch.zeros(2, 0, dtype=torch.long), spec)
+    baseline = kind.removal_plan(ctx, "removal_random", torch.zeros(0, 0, dtype=torch.long), spec)
     values = {}
     for name, p in (("empty", empty), ("full", baseline)):
-        values[name] = gt.load_or_compute(removal.retraining(task, p, vectorise=False), p,
-                                          tmp_path, OPTIONS)["values"]
+        values[name] = gt.load_or_compute(kind.work(ctx, p), p, tmp_path, ctx.options).values
     drops = removal.paired_drops(values["full"], values["empty"].view(2, 2, -1),
                                  torch.tensor([0, 1]))
     torch.testing.assert_close(drops, torch.zeros(2, dtype=drops.dtype), atol=1e-10, rtol=0)

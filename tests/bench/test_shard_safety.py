@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,12 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from bench import cache
 from bench import ground_truth as gt
-from bench.cli import task_config
-from tests.helpers import TINY
+from tests.helpers import TINY, ground_truth_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
@@ -72,10 +71,14 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def tiny_plan(make_cfg):
-    """``(task, plan)`` of the tiny digits_mlp LDS ground truth (8 retrainings)."""
-    cfg = make_cfg("digits_mlp", *SLOW)
-    task = instantiate(cfg.task, device="cpu")
-    return task, gt.plan(task, "digits_mlp", task_config(cfg), "lds")
+    """``(ctx, kind, plan)`` of the tiny digits_mlp LDS ground truth (8 retrainings)."""
+    return ground_truth_of(make_cfg("digits_mlp", *SLOW), "lds")
+
+
+def sequential(ctx, kind, plan):
+    """The LDS work without the vectorised ensemble (one model at a time)."""
+    return kind.work(dataclasses.replace(ctx, options=gt.GroundTruthOptions(vectorise=False)),
+                     plan)
 
 
 def test_saved_bytes_depend_only_on_payload(tmp_path):
@@ -98,10 +101,10 @@ def test_lock_excludes_a_second_holder(tmp_path):
 
 
 def test_killed_mid_shard_rerun_is_byte_identical(tmp_path, tiny_plan):
-    task, plan = tiny_plan
+    ctx, kind, plan = tiny_plan
     reference = tmp_path / "reference"
     for shard in range(2):
-        gt.compute_shard(gt.retraining(task, plan, vectorise=False), plan, reference, shard, 2)
+        gt.compute_shard(sequential(ctx, kind, plan), plan, reference, shard, 2)
 
     cache_dir = tmp_path / "cache"
     cmd = _command(cache_dir, tmp_path / "runs", "stage=ground_truth",
@@ -130,7 +133,7 @@ def test_killed_mid_shard_rerun_is_byte_identical(tmp_path, tiny_plan):
 
 
 def test_concurrent_jobs_compute_a_shard_once(tmp_path, tiny_plan):
-    task, plan = tiny_plan
+    ctx, kind, plan = tiny_plan
     cache_dir = tmp_path / "cache"
     shard_path = plan.shard_path(cache_dir, 1, 2)
     overrides = ("stage=ground_truth", "ground_truth.num_shards=2", "ground_truth.shard=1")
@@ -144,8 +147,7 @@ def test_concurrent_jobs_compute_a_shard_once(tmp_path, tiny_plan):
     shard_dir = plan.directory(cache_dir)
     assert [p.name for p in shard_dir.glob("shard-*")] == ["shard-0001-of-0002.pt"]
     assert not list(shard_dir.glob(".*.tmp"))
-    reference = gt.compute_shard(gt.retraining(task, plan, vectorise=False), plan,
-                                 tmp_path / "reference", 1, 2)
+    reference = gt.compute_shard(sequential(ctx, kind, plan), plan, tmp_path / "reference", 1, 2)
     assert shard_path.read_bytes() == reference.read_bytes()
 
 
@@ -169,9 +171,9 @@ def test_missing_shards_stop_with_the_list_and_command(tmp_path, capsys, monkeyp
 
 
 def test_an_incomplete_split_is_completed_and_any_split_gives_the_same_truth(tmp_path, tiny_plan):
-    task, plan = tiny_plan
+    ctx, kind, plan = tiny_plan
     cache_dir = tmp_path / "cache"
-    work = gt.retraining(task, plan)
+    work = kind.work(ctx, plan)
     first = gt.compute_shard(work, plan, cache_dir, 0, 4)
     stamp = first.stat().st_mtime_ns
     with pytest.raises(gt.GroundTruthMissing, match=r"missing shards \[1, 2, 3\] of 4"):
@@ -181,5 +183,6 @@ def test_an_incomplete_split_is_completed_and_any_split_gives_the_same_truth(tmp
     assert sorted(p.name for p in plan.directory(cache_dir).glob("shard-*")) == [
         f"shard-{s:04d}-of-0004.pt" for s in range(4)]
     whole = gt.load_or_compute(work, plan, tmp_path / "one-shard", gt.GroundTruthOptions())
-    assert torch.equal(truth["values"], whole["values"]) and torch.equal(truth["masks"],
-                                                                          whole["masks"])
+    assert torch.equal(truth.values, whole.values)
+    assert torch.equal(kind.assemble(ctx, plan, truth)["masks"],
+                       kind.assemble(ctx, plan, whole)["masks"])

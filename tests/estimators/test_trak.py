@@ -74,8 +74,8 @@ def test_trak_one_model_closed_form(tiny_mlp):
 
 
 def test_trak_needs_more_models():
-    problem_like = type("P", (), {"extra": {}})()
-    with pytest.raises(ValueError, match="train_model"):
+    problem_like = type("P", (), {"model_factory": None})()
+    with pytest.raises(ValueError, match="model_factory"):
         TRAK(n_models=2).ensemble(problem_like)
 
 
@@ -120,10 +120,10 @@ def test_flip_labels_is_seeded_and_changes_every_flipped_label():
 def test_noisy_task_exposes_flipped():
     task = DigitsMLPNoisy(n_train=100, n_queries=10, noise=0.1, noise_seed=1)
     problem = task.problem(task.build_model(0), [])
-    assert problem.extra["flipped"].sum() == 10
+    assert problem.flipped_labels.sum() == 10
     clean = DigitsMLPNoisy(n_train=100, n_queries=10, noise=0.0)
     y_clean, y_noisy = clean.train_set.tensors[1], task.train_set.tensors[1]
-    assert torch.equal(y_clean != y_noisy, problem.extra["flipped"])
+    assert torch.equal(y_clean != y_noisy, problem.flipped_labels)
 
 
 def test_noisy_run_reports_mislabel_metrics(make_cfg):

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from studies import common
 from studies.perf import estimator_cost as ec
 from studies.perf.ground_truth_speed import write_section
 from tests.helpers import TINY
@@ -44,7 +45,7 @@ def test_measure_reports_refusals_timeouts_and_ekfac_throughput(tmp_path, monkey
     and a rerun replacing only its own section."""
     calls = []
 
-    def fake_run_bench(overrides, cache_dir, out_dir, timeout):
+    def fake_run_bench(overrides, out_dir, cache_dir, timeout):
         calls.append(overrides)
         estimator = next(o.split("=")[1] for o in overrides if o.startswith("estimator="))
         n = int(next(o.split("=")[1] for o in overrides if o.startswith("task.world.")))
@@ -90,5 +91,5 @@ def test_unknown_estimator_is_refused():
 def test_crash_reason_is_the_exception_line():
     stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
               "NotImplementedError: forward AD is not implemented\nPlease file an issue\n")
-    assert ec.exception(stderr) == "NotImplementedError: forward AD is not implemented"
-    assert ec.exception("just this\n") == "just this"
+    assert common.exception(stderr) == "NotImplementedError: forward AD is not implemented"
+    assert common.exception("just this\n") == "just this"

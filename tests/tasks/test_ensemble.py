@@ -5,15 +5,16 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch.utils.data import TensorDataset
 
 from bench import ground_truth as gt
-from bench.cli import run, task_config
+from bench.cli import run
+from bench.truths import retraining
 from tasks.base import lightning_fit
 from tasks.digits_logreg import DigitsLogReg
 from tasks.digits_mlp import DigitsMLP
 from tasks.ensemble import ensemble_batches
+from tests.helpers import ground_truth_of
 
 
 class DigitsMLP64(DigitsMLP):
@@ -99,18 +100,18 @@ def _fail(*args, **kwargs):
 
 def test_lds_ground_truth_agrees_between_paths(make_cfg, tmp_path, monkeypatch):
     records, truths, keys = {}, {}, set()
-    sequential = gt._fit_one
+    sequential = retraining.fit_one
     for vectorise in (True, False):
         if vectorise:  # the vectorised path must not fall back to one-by-one fits
-            monkeypatch.setattr(gt, "_fit_one", _fail)
+            monkeypatch.setattr(retraining, "fit_one", _fail)
         else:
-            monkeypatch.setattr(gt, "_fit_one", sequential)
+            monkeypatch.setattr(retraining, "fit_one", sequential)
         cache = tmp_path / f"cache-{vectorise}"
         cfg = make_cfg("digits_mlp", "estimator=grad_dot", f"cache_dir={cache}", "task.lds.seeds=2",
                        f"ground_truth.vectorise={vectorise}")
         records[vectorise] = run(cfg)
-        plan = gt.plan(instantiate(cfg.task), "digits_mlp", task_config(cfg), "lds")
-        truths[vectorise] = gt.assemble(plan, cache, 1)["outputs"]
+        ctx, kind, plan = ground_truth_of(cfg, "lds")
+        truths[vectorise] = kind.assemble(ctx, plan, gt.join(plan, cache, 1))["outputs"]
         keys.add(plan.key)
     assert len(keys) == 1  # one cache entry serves both paths
     torch.testing.assert_close(truths[True], truths[False], atol=1e-4, rtol=0)

@@ -3,6 +3,7 @@ and end-to-end runs of ``facts`` and ``hf_lm``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from bench.cli import run
-from bench.fact_metrics import TailPatcher, fact_tracing, ranking, reciprocal_rank_recall
+from bench.metrics.fact_tracing import fact_tracing, ranking, reciprocal_rank_recall
+from bench.truths.tail_patch import TailPatcher
 from estimators.bm25 import BM25
 from estimators.grad_dot import GradDot
 from estimators.problem import IGNORE
@@ -112,8 +114,8 @@ def test_tail_patch_matches_first_order_prediction(tiny_facts):
     model = task.build_model(0).double()
     model.load_state_dict({k: v.double() for k, v in problem.model.state_dict().items()})
     p64 = task.problem(model, problem.checkpoints)
-    spec = {**p64.extra["tail_patch"], "lr": 1e-5}
-    assert set(spec["adam"]["exp_avg_sq"]) == {n for n, _ in model.named_parameters()}
+    spec = dataclasses.replace(p64.tail_patch, lr=1e-5)
+    assert set(spec.adam["exp_avg_sq"]) == {n for n, _ in model.named_parameters()}
     patcher = TailPatcher(p64, spec)
     doc, query = 5, 2
     update = patcher.step(doc)
@@ -130,8 +132,8 @@ def test_tail_patch_matches_first_order_prediction(tiny_facts):
 
 def test_tail_patch_step_is_torch_adam_step_with_zeroed_first_moment(tiny_facts):
     task, problem = tiny_facts
-    spec = problem.extra["tail_patch"]
-    adam = spec["adam"]
+    spec = problem.tail_patch
+    adam = spec.adam
     assert adam["step"] == problem.checkpoints[-1].step and adam["betas"] == (0.9, 0.98)
     patcher = TailPatcher(problem, spec)
     doc = 3
@@ -139,7 +141,7 @@ def test_tail_patch_step_is_torch_adam_step_with_zeroed_first_moment(tiny_facts)
     model = problem.model
     params = dict(model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=spec["lr"], betas=adam["betas"],
+    optimizer = torch.optim.Adam(params.values(), lr=spec.lr, betas=adam["betas"],
                                  eps=adam["eps"])
     for name, p in params.items():
         optimizer.state[p] = {"step": torch.tensor(adam["step"]),
@@ -147,7 +149,7 @@ def test_tail_patch_step_is_torch_adam_step_with_zeroed_first_moment(tiny_facts)
                               "exp_avg_sq": adam["exp_avg_sq"][name].clone()}
     batch = problem.collate_fn([problem.train[doc]])
     model.zero_grad()
-    spec["step_loss"](model, batch).backward()
+    spec.step_loss(model, batch).backward()
     optimizer.step()
     try:
         for name, p in params.items():
@@ -166,7 +168,7 @@ def test_bm25_finds_the_documents_that_state_the_fact():
     problem = task.problem(task.build_model(0), [])
     scores = BM25().score(problem)
     assert scores.shape == (problem.n_queries, problem.n_train)
-    metrics, per_query = fact_tracing(problem, scores, k=10, with_tail_patch=False)
+    metrics, per_query = fact_tracing(problem, scores, k=10)
     assert metrics["recall@10"] >= 0.8 and metrics["mrr"] >= 0.8
     assert per_query["query_set"][0] == "forward" and per_query["query_set"][-1] == "flipped"
 
@@ -272,8 +274,8 @@ def test_facts_export_reloads_as_hf_lm(tiny_facts, tmp_path):
                  queries=str(tmp_path / "queries.jsonl"), max_length=task.max_length)
     model = other.build_model(0)
     reloaded = other.problem(model, other.fit(model, 0))
-    assert reloaded.extra["proponents"] == problem.extra["proponents"]
-    assert reloaded.extra["query_sets"] == problem.extra["query_sets"]
+    assert reloaded.proponents == problem.proponents
+    assert reloaded.query_groups == problem.query_groups
     for i in (0, len(problem.queries) - 1):
         assert torch.equal(reloaded.queries[i]["input_ids"], problem.queries[i]["input_ids"])
         assert torch.equal(reloaded.queries[i]["labels"], problem.queries[i]["labels"])

@@ -19,9 +19,10 @@ shard records ``solves`` ``[units, 2]``: L-BFGS iterations and the final max |�
 networks the objective is only piecewise smooth, and a solve can stop at a kink with a small
 non-zero gradient, e.g. 4e-3 after 467 iterations on one digits_mlp example).
 
-Unlike LOO and LDS the PBRF depends on θˢ, so on the run's ``seed``: its cache key holds a
-digest of the attributed model's parameters. Units are the chosen training examples; shards
-take units ``s, s+S, ...`` and use the cache layout of :mod:`bench.ground_truth`.
+Unlike LOO and LDS the PBRF depends on θˢ, so on the run's ``seed`` (``needs = "model"``):
+its cache key holds a digest of the attributed model's parameters. Units are the chosen
+training examples; shards take units ``s, s+S, ...`` (:mod:`bench.ground_truth`). The metrics
+``pbrf_pearson`` and ``pbrf_spearman`` read it (:mod:`bench.metrics.correlation`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,12 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from bench import ground_truth as gt
-from bench.cache import content_hash
+from bench import ground_truth as driver
+from bench.truths.base import GroundTruth, TruthContext, register_truth
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem, Batch, move_to
-from tasks.base import Task
 
-FORMAT = 2  # 2: max_eval = 2 max_iter, solves recorded
 DEFAULTS = {
     "n": 50,                 # training examples whose response is solved
     "seed": 0,               # the generator that draws them
@@ -51,21 +50,6 @@ DEFAULTS = {
     "tolerance_grad": 1.0e-9,  # L-BFGS stops when the δ-gradient's max entry is below this
     "history_size": 50,
 }
-
-
-def plan(task: Task, task_name: str, task_cfg: dict, problem: AttributionProblem) -> gt.Plan:
-    """The PBRF plan of the attributed model in ``problem``."""
-    unknown = set(task.pbrf) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown task.pbrf settings {sorted(unknown)}; known: {list(DEFAULTS)}")
-    spec = {**DEFAULTS, **task.pbrf}
-    gen = torch.Generator().manual_seed(int(spec["seed"]))
-    indices = torch.randperm(task.n_train, generator=gen)[: int(spec["n"])]
-    identity = {"task": task_name, "config": task_cfg, "class": type(task).__qualname__,
-                "version": task.VERSION, "kind": "pbrf", "spec": spec, "format": FORMAT,
-                "model": content_hash(problem.model)}
-    return gt.Plan(task_name, "pbrf", content_hash(identity), spec, list(range(len(indices))),
-                   {"indices": indices})
 
 
 def _double(batch: Batch) -> Batch:
@@ -146,16 +130,44 @@ class Response:
             return ((self.measure(self.theta + eps * delta) - self.f_s) / eps).cpu()
 
 
-def responses(problem: AttributionProblem, plan: gt.Plan) -> gt.Work:
-    """The work of PBRF shards (:func:`bench.ground_truth.compute_shard`): one proximal
-    response per unit; the payload also records each solve's L-BFGS iterations and final
-    gradient (``solves [U, 2]``)."""
+@register_truth
+class PBRF(GroundTruth):
+    """Proximal Bregman responses of the attributed model (see module docstring).
 
-    def work(units: list[int], desc: str) -> dict[str, Tensor]:
-        response = Response(problem, plan.spec)
+    Settings (``task.pbrf``): see :data:`DEFAULTS`.
+    """
+
+    name = "pbrf"
+    needs = "model"
+    defaults = DEFAULTS
+    format = 2  # 2: max_eval = 2 max_iter, solves recorded
+
+    def validate(self) -> None:
+        for key in ("n", "max_iter", "history_size"):
+            if int(self.spec[key]) < 1:
+                raise ValueError(f"task.pbrf.{key} must be at least 1, got {self.spec[key]}")
+        for key in ("epsilon", "tolerance_grad"):
+            if not float(self.spec[key]) > 0:
+                raise ValueError(f"task.pbrf.{key} must be positive, got {self.spec[key]}")
+        if float(self.spec["damping"]) < 0:
+            raise ValueError(f"task.pbrf.damping must be >= 0, got {self.spec['damping']}")
+
+    def plan(self, ctx: TruthContext) -> driver.Plan:
+        gen = torch.Generator().manual_seed(int(self.spec["seed"]))
+        indices = torch.randperm(ctx.task.n_train, generator=gen)[: int(self.spec["n"])]
+        return self.make_plan(ctx, list(range(len(indices))), {"indices": indices},
+                              model=ctx.problem.model)
+
+    def compute(self, ctx: TruthContext, plan: driver.Plan, units: list[int],
+                desc: str) -> dict[str, Tensor]:
+        """One proximal response per unit; the payload also records each solve's L-BFGS
+        iterations and final gradient (``solves [U, 2]``)."""
+        response = Response(ctx.problem, plan.spec)
         values = [response.value(int(plan.meta["indices"][u]))
                   for u in tqdm(units, desc=desc, disable=None)]
         return {"values": torch.stack(values) if values else torch.zeros(0),
                 "solves": torch.tensor(response.solves, dtype=torch.float64)}
 
-    return work
+    def assemble(self, ctx: TruthContext, plan: driver.Plan, shards: driver.Shards) -> dict:
+        """``indices [L]`` and ``effects [L, Q]`` = (f(θ*) − f(θˢ))/ε."""
+        return {"indices": plan.meta["indices"], "effects": shards.values}

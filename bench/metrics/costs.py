@@ -1,0 +1,16 @@
+"""Costs the harness records for every run: seconds and memory (lower is better)."""
+
+from __future__ import annotations
+
+from bench.metrics.registry import Metric, register_metric
+
+register_metric(Metric("fit_seconds", role="info", order=90,
+                       doc="wall time of the estimator's fit (factors, curvature, index)"))
+register_metric(Metric("score_seconds", role="info", order=91,
+                       doc="wall time of the estimator's score"))
+register_metric(Metric("seconds", role="cost", order=92, printed=False,
+                       doc="fit + score seconds (the leaderboard's cost column)"))
+register_metric(Metric("peak_rss_mb", role="cost", order=93,
+                       doc="peak resident memory (MiB) during fit and score"))
+register_metric(Metric("{memory}_mb", role="cost", order=99, printed=False,
+                       doc="any other memory figure (MiB) a run records"))

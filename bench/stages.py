@@ -1,0 +1,196 @@
+"""One benchmark job as named stages; each is a function of the :class:`Job` it advances.
+
+    resolve ─► ground_truth("task") ─► model ─► ground_truth("model") ─► fit ─► score
+            ─► evaluate (ground_truth("scores"), metrics) ─► record (files, logger)
+
+``resolve`` composes and validates everything before any work: plug-ins, the task, its
+ground-truth kinds and their settings, the estimator. ``stage=ground_truth`` runs only
+``resolve`` and one shard of every sharded kind (:func:`ground_truth_shards`), for fan-out as
+jobs. Data flows one way: the task builds the problem, the estimator scores it, the ground
+truths and metrics judge the scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from bench.ground_truth import GroundTruthOptions
+from bench.metrics import evaluate as compute_metrics
+from bench.models import model_key, task_config, trained_model
+from bench.plugins import load_plugins
+from bench.record import peak_rss_mb, reset_peak_rss
+from bench.truths import GroundTruth, TruthContext, truth_kinds
+from estimators.base import Estimator, GradientEstimator
+from estimators.problem import AttributionProblem
+from tasks.base import Task
+
+log = logging.getLogger("tda-bench")
+
+STAGES = ("all", "ground_truth")
+# Overrides a ground-truth job must repeat: they change the task or where the cache is.
+GROUND_TRUTH_PREFIXES = ("task.", "+task.", "++task.", "~task.", "experiment=", "hydra/launcher=",
+                         "hydra.launcher.", "device=", "plugins=", "+plugins=")
+
+
+@dataclass
+class Job:
+    """One (task, estimator, seed) job as it moves through the stages."""
+
+    cfg: DictConfig
+    task: Task
+    estimator: Estimator
+    kinds: dict[str, GroundTruth]
+    ctx: TruthContext
+    plugins: list[str] = field(default_factory=list)
+    problem: AttributionProblem | None = None
+    truths: dict[str, Any] = field(default_factory=dict)
+    scores: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_query: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.cfg.task_name}/{self.cfg.estimator_name}/seed{self.cfg.seed}"
+
+
+def resolve(cfg: DictConfig) -> Job:
+    """Loads plug-ins and instantiates and validates every part of the job; nothing is
+    trained or computed yet."""
+    plugins = load_plugins(cfg.get("plugins") or [])
+    pair = f"{cfg.task_name}/{cfg.estimator_name}"
+    if pair in (cfg.get("skip") or {}):
+        raise ValueError(f"{pair} is skipped by this sweep: {cfg.skip[pair]} (remove it from "
+                         "`skip` to run it)")
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    torch.manual_seed(cfg.seed)
+    options = GroundTruthOptions(**cfg.ground_truth)
+    task: Task = instantiate(cfg.task, device=cfg.device)
+    kinds = configured_kinds(cfg, task)
+    estimator = instantiate(cfg.estimator)
+    ctx = TruthContext(task, cfg.task_name, task_config(cfg), Path(cfg.cache_dir), options,
+                       ground_truth_overrides(cfg), seed=int(cfg.seed))
+    return Job(cfg, task, estimator, kinds, ctx, plugins)
+
+
+def configured_kinds(cfg: DictConfig, task: Task) -> dict[str, GroundTruth]:
+    """Every ground-truth kind this run configures, instantiated (settings validated) and
+    checked against the task: ``task`` kinds from ``task.<name>``, ``run`` kinds from their
+    top-level block."""
+    registered = truth_kinds()
+    for name in task.truths:
+        if name not in registered or registered[name].scope != "task":
+            known = sorted(n for n, k in registered.items() if k.scope == "task")
+            raise ValueError(f"task.{name} is neither a setting of {type(task).__name__} nor a "
+                             f"ground-truth kind (kinds: {', '.join(known)}); check the key, "
+                             "or load the plug-in that registers it (plugins=[module]).")
+    kinds = {}
+    for name, cls in registered.items():
+        if cls.scope == "task":
+            settings = task.truths.get(name)
+            if not settings:
+                continue
+        else:
+            block = cfg.get(cls.config_key or name)
+            settings = OmegaConf.to_container(block, resolve=True) if block is not None else {}
+        kind = cls(**settings)
+        kind.check(task)
+        kinds[name] = kind
+    return kinds
+
+
+def ground_truth_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides of this run that a ground-truth job must repeat (task values, experiment,
+    launcher, plug-ins), shell-quoted, and the resolved ``cache_dir``."""
+    try:
+        hydra_cfg = HydraConfig.get()
+        given = [*hydra_cfg.overrides.task, *hydra_cfg.overrides.hydra]
+    except ValueError:
+        given = []
+    keep = [o for o in given if o.startswith(GROUND_TRUTH_PREFIXES)]
+    return [*map(shlex.quote, keep), shlex.quote(f"cache_dir={Path(cfg.cache_dir).resolve()}")]
+
+
+def ground_truth(job: Job, needs: str) -> None:
+    """Loads (or computes) every active kind that depends on ``needs``."""
+    for name, kind in job.kinds.items():
+        if kind.needs == needs and kind.active(job.ctx):
+            truth = kind.load(job.ctx)
+            if truth is not None:
+                job.truths[name] = truth
+
+
+def model(job: Job) -> None:
+    """The attributed model (trained once, cached) and its attribution problem."""
+    cfg, task = job.cfg, job.task
+    trained, checkpoints = trained_model(task, cfg, Path(cfg.cache_dir))
+    problem = task.problem(trained, checkpoints).to(task.device)
+    problem.key = problem.key or model_key(task, cfg)
+    if task.retrainable and problem.model_factory is None:
+        # More models of the same task (TRAK's ensemble), trained once and cached like this one.
+        problem.model_factory = lambda seed: trained_model(
+            task, cfg, Path(cfg.cache_dir), seed)[0].to(task.device)
+    job.problem = job.ctx.problem = problem
+
+
+def fit(job: Job) -> None:
+    """``estimator.fit``, timed; the memory budget caps a gradient estimator's chunk size."""
+    if job.cfg.get("memory_budget_mb") and isinstance(job.estimator, GradientEstimator):
+        job.estimator.fit_chunk_to_budget(job.problem, float(job.cfg.memory_budget_mb))
+    reset_peak_rss()  # peak_rss_mb measures fit + score, also inside a multirun
+    start = time.perf_counter()
+    job.estimator.fit(job.problem)
+    job.metrics["fit_seconds"] = time.perf_counter() - start
+
+
+def score(job: Job) -> None:
+    """``estimator.score``, timed, checked for shape; records the peak memory so far."""
+    start = time.perf_counter()
+    scores = job.estimator.score(job.problem).detach().float().cpu()
+    job.metrics["score_seconds"] = time.perf_counter() - start
+    job.metrics["peak_rss_mb"] = peak_rss_mb()
+    expected = (job.problem.n_queries, job.problem.n_train)
+    if scores.shape != expected:
+        raise RuntimeError(f"{job.cfg.estimator_name} returned scores of shape "
+                           f"{tuple(scores.shape)}, expected {expected}")
+    job.scores = job.ctx.scores = scores
+    job.ctx.estimator = job.estimator
+
+
+def evaluate(job: Job) -> None:
+    """The kinds that need the scores, then every metric of the available ground truths,
+    the task's own numbers and the estimator's diagnostics."""
+    ground_truth(job, "scores")
+    metrics, job.per_query = compute_metrics(job.scores, job.truths, job.problem.query_groups)
+    costs = job.metrics
+    diagnostics = getattr(job.estimator, "diagnostics", None) or {}  # e.g. LiSSA's convergence
+    job.metrics = {**metrics, **job.problem.task_metrics, **costs,
+                   **{k: float(v) for k, v in diagnostics.items()}}
+
+
+def ground_truth_shards(job: Job) -> list[Path]:
+    """``stage=ground_truth``: one shard of every sharded kind (those that depend on the
+    attributed model train it first)."""
+    shard, num_shards = job.ctx.options.shard, job.ctx.options.num_shards
+    paths = [kind.compute_shard(job.ctx, shard, num_shards) for kind in job.kinds.values()
+             if kind.sharded and kind.needs == "task"]
+    per_model = [kind for kind in job.kinds.values() if kind.sharded and kind.needs == "model"]
+    if per_model:
+        model(job)
+        paths += [kind.compute_shard(job.ctx, shard, num_shards) for kind in per_model]
+    log.info("Ground-truth shard %d/%d written: %s", shard + 1, num_shards,
+             ", ".join(map(str, paths)))
+    return paths

@@ -1,0 +1,47 @@
+"""``proponents``: the attribution side of fact tracing (Chang et al. 2024).
+
+For factual queries the training documents that state the fact are known; the task gives
+them as the problem's ``proponents`` capability (per query, training indices; empty: the
+query is left out). Nothing is computed or cached. A ``run`` kind configured by
+``fact_metrics:`` (``k``: the cut-off of recall@k and of tail-patch; ``tail_patch_k``,
+``seed`` and ``with_tail_patch``: see :mod:`bench.truths.tail_patch`). The metrics ``mrr``,
+``recall@{k}`` and ``proponent_share`` read it (:mod:`bench.metrics.fact_tracing`).
+"""
+
+from __future__ import annotations
+
+from bench.metrics.fact_tracing import proponents_truth
+from bench.truths.base import GroundTruth, TruthContext, register_truth
+
+FACT_DEFAULTS = {"k": 10, "seed": 0, "tail_patch_k": None, "with_tail_patch": True}
+
+
+def check_fact_settings(spec: dict) -> None:
+    """Refuses a non-positive ``fact_metrics.k`` or ``tail_patch_k``."""
+    if int(spec["k"]) <= 0:
+        raise ValueError(f"fact_metrics.k must be positive, got {spec['k']}")
+    if spec["tail_patch_k"] is not None and int(spec["tail_patch_k"]) <= 0:
+        raise ValueError(f"fact_metrics.tail_patch_k must be positive or null, got "
+                         f"{spec['tail_patch_k']}")
+
+
+@register_truth
+class Proponents(GroundTruth):
+    """The documents that state each query's fact (see module docstring)."""
+
+    name = "proponents"
+    scope = "run"
+    needs = "model"
+    config_key = "fact_metrics"
+    defaults = FACT_DEFAULTS
+    sharded = False
+
+    def validate(self) -> None:
+        check_fact_settings(self.spec)
+
+    def active(self, ctx: TruthContext) -> bool:
+        return ctx.problem is not None and ctx.problem.proponents is not None
+
+    def load(self, ctx: TruthContext) -> dict:
+        """``{proponents: [Q lists], k, params: {k}}``."""
+        return proponents_truth(ctx.problem, int(self.spec["k"]))
