@@ -92,3 +92,44 @@ def test_config_keys_are_documented():
     text = CONFIGURATION.read_text()
     missing = [k for k in config_keys() if not re.search(rf"`{re.escape(k)}[`.:]", text)]
     assert not missing, f"docs/configuration.md does not document {missing}"
+
+
+def test_the_extending_example_registers_a_metric_and_a_ground_truth_through_the_seams(
+        tmp_path):
+    """docs/extending.md's toy plug-in, saved as written, appears in a run's metrics.json and
+    per_query.csv and as a headline column of the leaderboard, with no other file edited."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = (REPO / "docs" / "extending.md").read_text()
+    section = text.split("## A metric and a ground-truth kind", 1)[1]
+    (tmp_path / "toy_plugin.py").write_text(python_blocks_of(section)[0])
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "WANDB_MODE": "offline"}
+    tiny = ["task.n_train=120", "task.n_queries=12", "task.epochs=3", "task.lds.subsets=8",
+            "task.lds.seeds=1", "task.pbrf=null"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "task=digits_mlp", "estimator=grad_dot",
+         "plugins=[toy_plugin]", "+task.same_label.k=5", "logger=none", "progress=false",
+         f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'runs' / 'toy'}", *tiny],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "runs" / "toy" / "metrics.json").read_text())
+    assert 0.0 <= record["same_label@5"] <= 1.0 and record["plugins"] == ["toy_plugin"]
+    assert "same_label@5" in (tmp_path / "runs" / "toy" / "per_query.csv").read_text()
+    assert "same_label@5" in run.stdout  # the printed table reads the spec too
+    board = subprocess.run(
+        [sys.executable, "-m", "bench.report.leaderboard", "runs", "--out", "board",
+         "--no-plots", "--bootstrap", "20"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert board.returncode == 0, board.stderr[-3000:]
+    table = (tmp_path / "board" / "LEADERBOARD.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| estimator"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    # a headline metric: among the leading columns, in its spec's order, higher is better
+    assert columns[:3] == ["estimator", "lds ↑", "same_label@5 ↑"], columns
+
+
+def python_blocks_of(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
