@@ -24,7 +24,7 @@ from torch import Tensor
 from estimators.base import GradientEstimator, check_positive
 from estimators.curvature_products import check_curvature, full_products
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem
+from estimators.problem import AttributionProblem, eval_mode
 
 BREAKDOWN = 1e-10  # a new Krylov direction shorter than this (relative) means an invariant space
 
@@ -71,13 +71,9 @@ class Arnoldi(GradientEstimator):
         p = engine.num_params
         n = min(self.iterations, p)
         generator = torch.Generator().manual_seed(self.seed)
-        was_training = problem.model.training
-        problem.model.eval()
-        try:
+        with eval_mode(problem.model):
             damped = lambda v: full(v[None])[0].double().cpu() + self.damping * v  # noqa: E731
             basis, hessenberg = arnoldi(damped, p, n, generator)
-        finally:
-            problem.model.train(was_training)
         # The operator is symmetric, so QᵀAQ is too (tridiagonal up to rounding): eigh of its
         # symmetric part gives the real Ritz pairs without eig's spurious complex pairs.
         values, vectors = torch.linalg.eigh((hessenberg + hessenberg.T) / 2)

@@ -30,7 +30,7 @@ from torch import Tensor
 from estimators import candidates as lexical
 from estimators.gradients import GradientEngine, LayerGrads, dot
 from estimators.index import GradientIndex, fingerprint, read_rows
-from estimators.problem import AttributionProblem, move_to
+from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import KINDS, STRUCTURES, Projector
 
 GRADIENT_COPIES = 3  # [B, P] float32 buffers alive at once while a chunk is scored
@@ -178,10 +178,8 @@ class GradientEstimator(Estimator):
             yield from engine.stream(problem, which, self.chunk_size)
             return
         fn = problem.train_loss if which == "train" else problem.query_measure
-        was_training = problem.model.training
-        problem.model.eval()
         start = 0
-        try:
+        with eval_mode(problem.model):
             for batch in problem.loader(split, self.chunk_size):
                 batch = move_to(batch, problem.device)
                 if projector is None:
@@ -192,8 +190,6 @@ class GradientEstimator(Estimator):
                 size = next(iter(grads.values())).shape[0]
                 yield slice(start, start + size), grads
                 start += size
-        finally:
-            problem.model.train(was_training)
 
     def index_key(self, problem: AttributionProblem, engine: GradientEngine,
                   projector: Projector | None, which: str = "train") -> str | None:

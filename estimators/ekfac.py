@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from estimators.atomic import atomic_write, content_hash, load_checked
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem, Batch, move_to
+from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,10 @@ def fisher_loss(problem: AttributionProblem, fisher: str,
 
 def _passes(problem: AttributionProblem, batch_size: int, desc: str):
     """Iterates over training batches (model in eval mode) with a progress bar."""
-    was_training = problem.model.training
-    problem.model.eval()
-    try:
+    with eval_mode(problem.model):
         for batch in tqdm(problem.loader("train", batch_size), desc=desc, leave=False,
                           disable=None):
             yield move_to(batch, problem.device)
-    finally:
-        problem.model.train(was_training)
 
 
 def covariance_factors(problem: AttributionProblem, engine: GradientEngine, loss_fn: Callable,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem, Batch, move_to
+from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 SCALABLE = "ekfac, kfac, lissa, arnoldi, tracin, trackstar, grad_dot or grad_cos"
 
@@ -66,9 +66,7 @@ def curvature_matrix(problem: AttributionProblem, engine: GradientEngine, kind: 
     outputs = functional_outputs(problem, engine)
     theta = engine.parameters()
     total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
-    was_training = problem.model.training
-    problem.model.eval()
-    try:
+    with eval_mode(problem.model):
         for batch in tqdm(problem.loader("train", batch_size), desc=f"{kind} matrix",
                           leave=False, disable=None):
             batch = move_to(batch, problem.device)
@@ -82,8 +80,6 @@ def curvature_matrix(problem: AttributionProblem, engine: GradientEngine, kind: 
                 jac = jac.reshape(out.numel(), -1).double()
                 block = jac.T @ h_out.reshape(out.numel(), out.numel()).double() @ jac
             total += block.double().cpu()
-    finally:
-        problem.model.train(was_training)
     return total / problem.n_train + problem.l2 * torch.eye(theta.numel(), dtype=torch.float64)
 
 

@@ -36,7 +36,7 @@ from estimators.curvature_products import (
     top_eigenvalue,
 )
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem, move_to
+from estimators.problem import AttributionProblem, eval_mode, move_to
 
 
 class LiSSA(GradientEstimator):
@@ -88,7 +88,7 @@ class LiSSA(GradientEstimator):
         engine = self.engine(problem)
         full = full_products(problem, engine, self.hvp, self.chunk_size)
         generator = torch.Generator().manual_seed(self.seed)
-        with _eval(problem):
+        with eval_mode(problem.model):
             top = top_eigenvalue(full, engine.num_params, self.power_iterations, generator)
         self.scale_used = self.scale_margin * (top + self.damping)
 
@@ -121,7 +121,7 @@ class LiSSA(GradientEstimator):
         v = vectors.detach()
         totals = {d: torch.zeros_like(v) for d in depths}
         changes = []
-        with _eval(problem):
+        with eval_mode(problem.model):
             for _ in range(self.repeat):
                 h, earlier = v.clone(), None
                 for step in range(1, self.depth + 1):
@@ -161,17 +161,3 @@ class _MiniBatches:
         collate = self.problem.collate_fn or default_collate
         batch = collate([self.problem.train[i] for i in idx.tolist()])
         return move_to(batch, self.problem.device)
-
-
-class _eval:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Puts the problem's model in eval mode for the duration (dropout off)."""
-
-    def __init__(self, problem: AttributionProblem):
-        self.model = problem.model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)

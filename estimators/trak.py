@@ -33,7 +33,7 @@ from torch import Tensor
 
 from estimators.base import GradientEstimator, check_positive
 from estimators.gradients import GradientEngine
-from estimators.problem import AttributionProblem, move_to
+from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import Projector
 
 
@@ -90,9 +90,8 @@ class TRAK(GradientEstimator):
 
     def _one_minus_p(self, problem: AttributionProblem) -> Tensor:
         """``[n_train]``: 1 − exp(−L(z_m)), from a forward pass without gradients."""
-        problem.model.eval()
         values = []
-        with torch.no_grad():
+        with eval_mode(problem.model), torch.no_grad():
             for batch in problem.loader("train", self.chunk_size):
                 loss = problem.train_loss(problem.model, move_to(batch, problem.device))
                 values.append(-torch.expm1(-loss.double()).cpu())

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from estimators.problem import AttributionProblem, Checkpoint, move_to
+from estimators.problem import AttributionProblem, Checkpoint, eval_mode, move_to
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -104,9 +104,8 @@ class Task(ABC):
     def measure_queries(self, model: nn.Module, batch_size: int = 256) -> Tensor:
         """The measurement of every query under ``model``: ``[n_queries]``, float64, on CPU."""
         problem = self.problem(model, [])
-        model.eval()
         values = []
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in problem.loader("queries", batch_size):
                 batch = move_to(batch, problem.device)
                 values.append(problem.query_measure(model, batch).double().cpu())

@@ -102,3 +102,18 @@ def test_files_stay_small():
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"files over {MAX_LINES} lines: {big}"
 
+
+
+def test_one_eval_mode_helper():
+    """Estimators and tasks switch a model to eval mode only through
+    ``estimators.problem.eval_mode``, which restores the mode it found; no module reads
+    ``.training`` to save and restore it by hand."""
+    bad = []
+    for package in ("estimators", "tasks"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "estimators" / "problem.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr == "training":
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad, f"use estimators.problem.eval_mode instead of saving .training: {bad}"
