@@ -21,8 +21,9 @@ from torch.func import functional_call, grad, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from estimators.base import GradientEstimator, check_positive
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
+from estimators.options import CURVATURES, bounded, choice, positive
 from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 SCALABLE = "ekfac, kfac, lissa, arnoldi, tracin, trackstar, grad_dot or grad_cos"
@@ -92,23 +93,19 @@ class Explicit(GradientEstimator):
         max_params: refuse models with more tracked parameters than this (the matrix takes
             P² × 8 bytes).
         batch_size: training examples per curvature block.
-        modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
+            :class:`~estimators.base.GradientEstimator`).
     """
 
+    unsupported = EXACT_GRADIENTS
+
     def __init__(self, curvature: str = "ggn", damping: float = 1e-3, max_params: int = 20_000,
-                 batch_size: int = 64, modules: str | None = None, chunk_size: int = 256,
-                 per_layer: bool = False):
-        super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        check_positive("max_params", max_params)
-        check_positive("batch_size", batch_size)
-        self.curvature = curvature
-        self.damping = float(damping)
-        self.max_params = int(max_params)
-        self.batch_size = int(batch_size)
+                 batch_size: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        self.curvature = choice("curvature", curvature, CURVATURES)
+        self.damping = bounded("damping", damping, 0)
+        self.max_params = positive("max_params", max_params, integer=True)
+        self.batch_size = positive("batch_size", batch_size, integer=True)
         self.cholesky: Tensor | None = None
 
     def fit(self, problem: AttributionProblem) -> None:

@@ -28,14 +28,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from estimators.base import GradientEstimator, check_positive
-from estimators.curvature_products import (
-    check_curvature,
-    full_products,
-    summed_products,
-    top_eigenvalue,
-)
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
+from estimators.curvature_products import full_products, summed_products, top_eigenvalue
 from estimators.gradients import GradientEngine, LayerGrads
+from estimators.options import CURVATURES, bounded, choice, number, positive
 from estimators.problem import AttributionProblem, eval_mode, move_to
 
 
@@ -52,31 +48,25 @@ class LiSSA(GradientEstimator):
         batch_size: training examples per mini-batch curvature product.
         repeat: independent recursions averaged.
         seed: seeds the mini-batch sampling and the power iteration.
-        modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
+            :class:`~estimators.base.GradientEstimator`).
     """
+
+    unsupported = EXACT_GRADIENTS
 
     def __init__(self, hvp: str = "ggn", damping: float = 1e-3, scale: float | None = None,
                  scale_margin: float = 1.2, power_iterations: int = 20, depth: int = 2000,
-                 batch_size: int = 128, repeat: int = 1, seed: int = 0,
-                 modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
-        super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
-        self.hvp = check_curvature(hvp)
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        check_positive("scale", scale, allow_none=True)
-        if scale_margin < 1:
-            raise ValueError(f"scale_margin must be >= 1, got {scale_margin}")
-        for name, value in [("power_iterations", power_iterations), ("depth", depth),
-                            ("batch_size", batch_size), ("repeat", repeat)]:
-            check_positive(name, value)
-        self.damping = float(damping)
-        self.scale = None if scale is None else float(scale)
-        self.scale_margin = float(scale_margin)
-        self.power_iterations = int(power_iterations)
-        self.depth = int(depth)
-        self.batch_size = int(batch_size)
-        self.repeat = int(repeat)
-        self.seed = int(seed)
+                 batch_size: int = 128, repeat: int = 1, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.hvp = choice("hvp", hvp, CURVATURES)
+        self.damping = bounded("damping", damping, 0)
+        self.scale = positive("scale", scale, allow_none=True)
+        self.scale_margin = bounded("scale_margin", scale_margin, 1)
+        self.power_iterations = positive("power_iterations", power_iterations, integer=True)
+        self.depth = positive("depth", depth, integer=True)
+        self.batch_size = positive("batch_size", batch_size, integer=True)
+        self.repeat = positive("repeat", repeat, integer=True)
+        self.seed = number("seed", seed, integer=True)
         self.scale_used: float | None = None
         self.diagnostics: dict[str, float] = {}
 
