@@ -38,7 +38,7 @@ def _null(allow_none: bool) -> str:
 
 
 def number(name: str, value: Any, *, integer: bool = False, allow_none: bool = False,
-           expected: str | None = None):
+           expected: str | None = None) -> float | int | None:
     """``value`` as a float (an int with ``integer``), or None when allowed.
 
     Booleans, strings and NaN are not numbers; with ``integer``, a float must be integral
@@ -54,7 +54,8 @@ def number(name: str, value: Any, *, integer: bool = False, allow_none: bool = F
     return int(value) if integer else float(value)
 
 
-def positive(name: str, value: Any, *, integer: bool = False, allow_none: bool = False):
+def positive(name: str, value: Any, *, integer: bool = False,
+             allow_none: bool = False) -> float | int | None:
     """``value`` > 0 as a float (an int with ``integer``), or None when allowed."""
     expected = "a positive integer" if integer else None
     out = number(name, value, integer=integer, allow_none=allow_none, expected=expected)
