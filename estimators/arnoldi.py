@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.base import GradientEstimator, check_positive
-from estimators.curvature_products import check_curvature, full_products
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
+from estimators.curvature_products import full_products
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem
+from estimators.options import CURVATURES, bounded, choice, number, positive
+from estimators.problem import AttributionProblem, eval_mode
 
 BREAKDOWN = 1e-10  # a new Krylov direction shorter than this (relative) means an invariant space
 
@@ -40,27 +41,24 @@ class Arnoldi(GradientEstimator):
         damping: λ added to the curvature (on top of the task's λ₂).
         batch_size: training examples per curvature-product batch.
         seed: seeds the start vector.
-        modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
+            :class:`~estimators.base.GradientEstimator`).
     """
 
+    unsupported = EXACT_GRADIENTS
+
     def __init__(self, rank: int = 200, iterations: int = 400, curvature: str = "ggn",
-                 damping: float = 1e-3, batch_size: int = 256, seed: int = 0,
-                 modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
-        super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
-        check_positive("rank", rank)
-        check_positive("iterations", iterations)
-        check_positive("batch_size", batch_size)
-        if rank > iterations:
+                 damping: float = 1e-3, batch_size: int = 256, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.rank = positive("rank", rank, integer=True)
+        self.iterations = positive("iterations", iterations, integer=True)
+        if self.rank > self.iterations:
             raise ValueError(f"rank ({rank}) cannot exceed iterations ({iterations}): Arnoldi "
                              "finds at most one eigenpair per iteration.")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        self.rank = int(rank)
-        self.iterations = int(iterations)
-        self.curvature = check_curvature(curvature)
-        self.damping = float(damping)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.curvature = choice("curvature", curvature, CURVATURES)
+        self.damping = bounded("damping", damping, 0)
+        self.batch_size = positive("batch_size", batch_size, integer=True)
+        self.seed = number("seed", seed, integer=True)
         self.eigenvalues: Tensor | None = None  # [k] float64, descending
         self.eigenvectors: Tensor | None = None  # [k, P] float64, orthonormal rows
         self.diagnostics: dict[str, float] = {}
@@ -71,13 +69,9 @@ class Arnoldi(GradientEstimator):
         p = engine.num_params
         n = min(self.iterations, p)
         generator = torch.Generator().manual_seed(self.seed)
-        was_training = problem.model.training
-        problem.model.eval()
-        try:
+        with eval_mode(problem.model):
             damped = lambda v: full(v[None])[0].double().cpu() + self.damping * v  # noqa: E731
             basis, hessenberg = arnoldi(damped, p, n, generator)
-        finally:
-            problem.model.train(was_training)
         # The operator is symmetric, so QᵀAQ is too (tridiagonal up to rounding): eigh of its
         # symmetric part gives the real Ritz pairs without eig's spurious complex pairs.
         values, vectors = torch.linalg.eigh((hessenberg + hessenberg.T) / 2)

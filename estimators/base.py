@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -30,8 +31,9 @@ from torch import Tensor
 from estimators import candidates as lexical
 from estimators.gradients import GradientEngine, LayerGrads, dot
 from estimators.index import GradientIndex, fingerprint, read_rows
-from estimators.problem import AttributionProblem, move_to
-from estimators.projection import KINDS, STRUCTURES, Projector
+from estimators.options import GradientOptions, Option, ProjectionOptions, positive
+from estimators.problem import AttributionProblem, eval_mode, move_to
+from estimators.projection import Projector
 
 GRADIENT_COPIES = 3  # [B, P] float32 buffers alive at once while a chunk is scored
 
@@ -39,8 +41,9 @@ GRADIENT_COPIES = 3  # [B, P] float32 buffers alive at once while a chunk is sco
 class Estimator(ABC):
     """A training-data attribution method.
 
-    Subclasses validate their arguments in ``__init__`` (plain, Hydra-friendly types) and
-    keep expensive state built by :meth:`fit` for any number of :meth:`score` calls.
+    Subclasses validate their arguments in ``__init__`` (plain, Hydra-friendly types, checked
+    with :mod:`estimators.options`) and keep expensive state built by :meth:`fit` for any
+    number of :meth:`score` calls.
     """
 
     def fit(self, problem: AttributionProblem) -> None:  # noqa: B027 - optional step
@@ -60,16 +63,24 @@ class Estimator(ABC):
             "tracin or trak for mislabel detection.")
 
 
-def check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
-    """Raises a readable error unless ``value`` > 0 (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+# What the estimators that precondition exact gradients with a curvature (explicit, kfac,
+# ekfac, lissa, arnoldi) refuse: before the shared arguments were forwarded as **kwargs they
+# did not take these at all.
+EXACT_GRADIENTS = {
+    "projection_dim": "{name} preconditions exact gradients with its curvature; set "
+                      "projection_dim=null (grad_dot, grad_cos, tracin, trak and trackstar "
+                      "project).",
+    "candidates": "{name} scores every training example; set candidates=null (lexical "
+                  "candidates apply to grad_dot, grad_cos and tracin).",
+}
 
 
 class GradientEstimator(Estimator):
     """Influence as −(preconditioned query gradient) · (training gradient), streamed.
+
+    Subclasses take their own arguments and forward ``**kwargs`` (these shared ones) here;
+    they become :attr:`gradient_options` and :attr:`projection_options`, validated values
+    whose fields stay readable under their config keys (``self.chunk_size``, ...).
 
     Args:
         modules: which linear layers to attribute through (``all``, ``mlp_only`` or a regex).
@@ -88,32 +99,37 @@ class GradientEstimator(Estimator):
             lexical candidates (the rest NaN; :mod:`estimators.candidates`), or None.
     """
 
-    def __init__(self, modules: str | None = None, chunk_size: int = 256, per_layer: bool = False,
-                 projection_dim: int | None = None, projection_kind: str = "rademacher",
-                 projection_seed: int = 0, index_dir: str | None = None,
-                 projection_structure: str = "kronecker", candidates: dict | None = None):
-        check_positive("chunk_size", chunk_size)
+    # Shared arguments a subclass refuses when set, each with the sentence that says why
+    # ("{name}" is the estimator's config name).
+    unsupported: ClassVar[dict[str, str]] = {}
+
+    modules = Option("gradient_options")
+    chunk_size = Option("gradient_options")
+    per_layer = Option("gradient_options")
+    projection_dim = Option("projection_options", "dim")
+    projection_kind = Option("projection_options", "kind")
+    projection_seed = Option("projection_options", "seed")
+    projection_structure = Option("projection_options", "structure")
+    index_dir = Option("projection_options")
+
+    def __init__(self, *, modules: str | None = None, chunk_size: int = 256,
+                 per_layer: bool = False, projection_dim: int | None = None,
+                 projection_kind: str = "rademacher", projection_seed: int = 0,
+                 index_dir: str | None = None, projection_structure: str = "kronecker",
+                 candidates: dict | None = None):
+        self.gradient_options = GradientOptions(modules, chunk_size, per_layer)
+        self.projection_options = ProjectionOptions(projection_dim, projection_kind,
+                                                    projection_seed, projection_structure,
+                                                    index_dir)
         self.candidates = lexical.check_candidates(candidates)
-        check_positive("projection_dim", projection_dim, allow_none=True)
-        self.modules = modules
-        self.chunk_size = int(chunk_size)
-        self.per_layer = bool(per_layer)
-        self.projection_dim = None if projection_dim is None else int(projection_dim)
-        self.projection_kind = projection_kind
-        self.projection_seed = int(projection_seed)
-        self.index_dir = index_dir
-        if projection_structure not in STRUCTURES:
-            raise ValueError(f"projection_structure must be one of {STRUCTURES}, got "
-                             f"{projection_structure!r}")
-        self.projection_structure = projection_structure
-        if self.per_layer and self.projection_dim is not None and projection_structure == "dense":
+        name = type(self).__name__.lower()
+        for key, why in self.unsupported.items():
+            if getattr(self, key):
+                raise ValueError(why.format(name=name))
+        if self.per_layer and self.projection_options.enabled and projection_structure == "dense":
             raise ValueError("a dense projection mixes layers, so per_layer scores need "
                              "projection_structure=kronecker (or no projection).")
         self.layer_scores: Tensor | None = None
-        if self.projection_dim is not None:  # validates kind early, on construction
-            if projection_kind not in KINDS:
-                raise ValueError(f"projection_kind must be one of {KINDS}, got "
-                                 f"{projection_kind!r}")
 
     def engine(self, problem: AttributionProblem) -> GradientEngine:
         return GradientEngine(problem.model, self.modules)
@@ -129,7 +145,7 @@ class GradientEstimator(Estimator):
         Returns:
             the chunk size now in use.
         """
-        check_positive("memory_budget_mb", memory_budget_mb)
+        memory_budget_mb = positive("memory_budget_mb", memory_budget_mb)
         per_example = GRADIENT_COPIES * 4 * self.engine(problem).num_params
         fits = int(memory_budget_mb * 2**20 // per_example)
         self.chunk_size = max(1, min(self.chunk_size, fits))
@@ -137,7 +153,7 @@ class GradientEstimator(Estimator):
 
     def projector(self, engine: GradientEngine, offset: int = 0) -> Projector | None:
         """The seeded projection of ``engine``'s layers (seed + ``offset``), or None."""
-        if self.projection_dim is None:
+        if not self.projection_options.enabled:
             return None
         return Projector(engine, self.projection_dim, self.projection_kind,
                          self.projection_seed + offset, self.projection_structure)
@@ -178,10 +194,8 @@ class GradientEstimator(Estimator):
             yield from engine.stream(problem, which, self.chunk_size)
             return
         fn = problem.train_loss if which == "train" else problem.query_measure
-        was_training = problem.model.training
-        problem.model.eval()
         start = 0
-        try:
+        with eval_mode(problem.model):
             for batch in problem.loader(split, self.chunk_size):
                 batch = move_to(batch, problem.device)
                 if projector is None:
@@ -192,8 +206,6 @@ class GradientEstimator(Estimator):
                 size = next(iter(grads.values())).shape[0]
                 yield slice(start, start + size), grads
                 start += size
-        finally:
-            problem.model.train(was_training)
 
     def index_key(self, problem: AttributionProblem, engine: GradientEngine,
                   projector: Projector | None, which: str = "train") -> str | None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from estimators.base import Estimator, check_positive
+from estimators.base import Estimator
 from estimators.lexical import bm25_scores, require_text
+from estimators.options import bounded, flag, positive
 from estimators.problem import AttributionProblem
 
 
@@ -29,10 +30,9 @@ class BM25(Estimator):
 
     def __init__(self, k1: float = 1.5, b: float = 0.75, method: str = "lucene",
                  stopwords: bool = True):
-        check_positive("k1", k1)
-        if not 0.0 <= b <= 1.0:
-            raise ValueError(f"b must be in [0, 1], got {b!r}")
-        self.k1, self.b, self.method, self.stopwords = float(k1), float(b), method, bool(stopwords)
+        self.k1 = positive("k1", k1)
+        self.b = bounded("b", b, 0, 1)
+        self.method, self.stopwords = method, flag("stopwords", stopwords)
 
     def score(self, problem: AttributionProblem) -> Tensor:
         documents, queries = require_text(problem, "bm25")

@@ -22,15 +22,8 @@ from torch.func import grad, jvp, vjp, vmap
 
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
+from estimators.options import CURVATURES, choice
 from estimators.problem import AttributionProblem, Batch, move_to
-
-CURVATURES = ("ggn", "hessian")
-
-
-def check_curvature(kind: str) -> str:
-    if kind not in CURVATURES:
-        raise ValueError(f"curvature must be 'ggn' or 'hessian', got {kind!r}")
-    return kind
 
 
 def summed_products(problem: AttributionProblem, engine: GradientEngine,
@@ -39,7 +32,7 @@ def summed_products(problem: AttributionProblem, engine: GradientEngine,
 
     The model should be in eval mode while the returned function is used.
     """
-    check_curvature(kind)
+    choice("curvature", kind, CURVATURES)
     outputs = functional_outputs(problem, engine)
     theta = engine.parameters()
 

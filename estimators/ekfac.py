@@ -40,9 +40,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from estimators.atomic import atomic_write, content_hash, load_checked
-from estimators.base import GradientEstimator, check_positive
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem, Batch, move_to
+from estimators.options import bounded, choice, number, positive
+from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,10 @@ def fisher_loss(problem: AttributionProblem, fisher: str,
 
 def _passes(problem: AttributionProblem, batch_size: int, desc: str):
     """Iterates over training batches (model in eval mode) with a progress bar."""
-    was_training = problem.model.training
-    problem.model.eval()
-    try:
+    with eval_mode(problem.model):
         for batch in tqdm(problem.loader("train", batch_size), desc=desc, leave=False,
                           disable=None):
             yield move_to(batch, problem.device)
-    finally:
-        problem.model.train(was_training)
 
 
 def covariance_factors(problem: AttributionProblem, engine: GradientEngine, loss_fn: Callable,
@@ -165,28 +162,24 @@ class KFAC(GradientEstimator):
         seed: seed of the true Fisher's target sampling.
         cache_dir: directory of the factor cache (under ``<cache_dir>/factors``); None
             disables it. Used only when the problem has a ``key``.
-        modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
+            :class:`~estimators.base.GradientEstimator`).
     """
 
     name = "kfac"
     correct_eigenvalues = False
+    unsupported = EXACT_GRADIENTS
 
     def __init__(self, fisher: str = "true", damping: float | None = None, batch_size: int = 64,
                  query_rank: int | None = None, seed: int = 0, cache_dir: str | None = None,
-                 modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
-        super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
+                 **kwargs):
+        super().__init__(**kwargs)
         fisher = "true" if fisher is True else fisher  # `estimator.fisher=true` parses as bool
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
-        if damping is not None and damping < 0:
-            raise ValueError(f"damping must be >= 0 or null (heuristic), got {damping}")
-        check_positive("batch_size", batch_size)
-        check_positive("query_rank", query_rank, allow_none=True)
-        self.fisher = fisher
-        self.damping = None if damping is None else float(damping)
-        self.batch_size = int(batch_size)
-        self.query_rank = None if query_rank is None else int(query_rank)
-        self.seed = int(seed)
+        self.fisher = choice("fisher", fisher, FISHERS)
+        self.damping = bounded("damping", damping, 0, allow_none=True)  # None: heuristic
+        self.batch_size = positive("batch_size", batch_size, integer=True)
+        self.query_rank = positive("query_rank", query_rank, integer=True, allow_none=True)
+        self.seed = number("seed", seed, integer=True)
         self.cache = FactorCache(Path(cache_dir) / "factors" if cache_dir else None)
         self.factors: Factors | None = None
         self.dampings: dict[str, float] = {}

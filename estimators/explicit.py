@@ -21,9 +21,10 @@ from torch.func import functional_call, grad, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from estimators.base import GradientEstimator, check_positive
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem, Batch, move_to
+from estimators.options import CURVATURES, bounded, choice, positive
+from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 SCALABLE = "ekfac, kfac, lissa, arnoldi, tracin, trackstar, grad_dot or grad_cos"
 
@@ -66,9 +67,7 @@ def curvature_matrix(problem: AttributionProblem, engine: GradientEngine, kind: 
     outputs = functional_outputs(problem, engine)
     theta = engine.parameters()
     total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
-    was_training = problem.model.training
-    problem.model.eval()
-    try:
+    with eval_mode(problem.model):
         for batch in tqdm(problem.loader("train", batch_size), desc=f"{kind} matrix",
                           leave=False, disable=None):
             batch = move_to(batch, problem.device)
@@ -82,8 +81,6 @@ def curvature_matrix(problem: AttributionProblem, engine: GradientEngine, kind: 
                 jac = jac.reshape(out.numel(), -1).double()
                 block = jac.T @ h_out.reshape(out.numel(), out.numel()).double() @ jac
             total += block.double().cpu()
-    finally:
-        problem.model.train(was_training)
     return total / problem.n_train + problem.l2 * torch.eye(theta.numel(), dtype=torch.float64)
 
 
@@ -96,23 +93,19 @@ class Explicit(GradientEstimator):
         max_params: refuse models with more tracked parameters than this (the matrix takes
             P² × 8 bytes).
         batch_size: training examples per curvature block.
-        modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
+            :class:`~estimators.base.GradientEstimator`).
     """
 
+    unsupported = EXACT_GRADIENTS
+
     def __init__(self, curvature: str = "ggn", damping: float = 1e-3, max_params: int = 20_000,
-                 batch_size: int = 64, modules: str | None = None, chunk_size: int = 256,
-                 per_layer: bool = False):
-        super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        check_positive("max_params", max_params)
-        check_positive("batch_size", batch_size)
-        self.curvature = curvature
-        self.damping = float(damping)
-        self.max_params = int(max_params)
-        self.batch_size = int(batch_size)
+                 batch_size: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        self.curvature = choice("curvature", curvature, CURVATURES)
+        self.damping = bounded("damping", damping, 0)
+        self.max_params = positive("max_params", max_params, integer=True)
+        self.batch_size = positive("batch_size", batch_size, integer=True)
         self.cholesky: Tensor | None = None
 
     def fit(self, problem: AttributionProblem) -> None:

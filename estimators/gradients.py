@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from estimators.problem import AttributionProblem, Batch, move_to
+from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 LayerGrads = dict[str, Tensor]  # layer name -> [B, d_out, d_in(+1)]
 
@@ -194,17 +194,13 @@ class GradientEngine:
         start = 0
         loader = problem.loader(which, chunk_size)
         bar = tqdm(loader, desc=desc or f"{which} gradients", leave=False, disable=None)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for batch in bar:
                 grads = self.gradients(fn, move_to(batch, problem.device))
                 size = next(iter(grads.values())).shape[0]
                 yield slice(start, start + size), grads
                 del grads  # free this chunk before computing the next (peak: one chunk)
                 start += size
-        finally:
-            self.model.train(was_training)
 
     def all_gradients(self, problem: AttributionProblem, which: str, chunk_size: int) -> LayerGrads:
         """All per-example gradients of a (small) set, concatenated: ``{layer: [n, o, i]}``."""

@@ -28,15 +28,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from estimators.base import GradientEstimator, check_positive
-from estimators.curvature_products import (
-    check_curvature,
-    full_products,
-    summed_products,
-    top_eigenvalue,
-)
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
+from estimators.curvature_products import full_products, summed_products, top_eigenvalue
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.problem import AttributionProblem, move_to
+from estimators.options import CURVATURES, bounded, choice, number, positive
+from estimators.problem import AttributionProblem, eval_mode, move_to
 
 
 class LiSSA(GradientEstimator):
@@ -52,31 +48,25 @@ class LiSSA(GradientEstimator):
         batch_size: training examples per mini-batch curvature product.
         repeat: independent recursions averaged.
         seed: seeds the mini-batch sampling and the power iteration.
-        modules, chunk_size, per_layer: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
+            :class:`~estimators.base.GradientEstimator`).
     """
+
+    unsupported = EXACT_GRADIENTS
 
     def __init__(self, hvp: str = "ggn", damping: float = 1e-3, scale: float | None = None,
                  scale_margin: float = 1.2, power_iterations: int = 20, depth: int = 2000,
-                 batch_size: int = 128, repeat: int = 1, seed: int = 0,
-                 modules: str | None = None, chunk_size: int = 256, per_layer: bool = False):
-        super().__init__(modules=modules, chunk_size=chunk_size, per_layer=per_layer)
-        self.hvp = check_curvature(hvp)
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        check_positive("scale", scale, allow_none=True)
-        if scale_margin < 1:
-            raise ValueError(f"scale_margin must be >= 1, got {scale_margin}")
-        for name, value in [("power_iterations", power_iterations), ("depth", depth),
-                            ("batch_size", batch_size), ("repeat", repeat)]:
-            check_positive(name, value)
-        self.damping = float(damping)
-        self.scale = None if scale is None else float(scale)
-        self.scale_margin = float(scale_margin)
-        self.power_iterations = int(power_iterations)
-        self.depth = int(depth)
-        self.batch_size = int(batch_size)
-        self.repeat = int(repeat)
-        self.seed = int(seed)
+                 batch_size: int = 128, repeat: int = 1, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.hvp = choice("hvp", hvp, CURVATURES)
+        self.damping = bounded("damping", damping, 0)
+        self.scale = positive("scale", scale, allow_none=True)
+        self.scale_margin = bounded("scale_margin", scale_margin, 1)
+        self.power_iterations = positive("power_iterations", power_iterations, integer=True)
+        self.depth = positive("depth", depth, integer=True)
+        self.batch_size = positive("batch_size", batch_size, integer=True)
+        self.repeat = positive("repeat", repeat, integer=True)
+        self.seed = number("seed", seed, integer=True)
         self.scale_used: float | None = None
         self.diagnostics: dict[str, float] = {}
 
@@ -88,7 +78,7 @@ class LiSSA(GradientEstimator):
         engine = self.engine(problem)
         full = full_products(problem, engine, self.hvp, self.chunk_size)
         generator = torch.Generator().manual_seed(self.seed)
-        with _eval(problem):
+        with eval_mode(problem.model):
             top = top_eigenvalue(full, engine.num_params, self.power_iterations, generator)
         self.scale_used = self.scale_margin * (top + self.damping)
 
@@ -121,7 +111,7 @@ class LiSSA(GradientEstimator):
         v = vectors.detach()
         totals = {d: torch.zeros_like(v) for d in depths}
         changes = []
-        with _eval(problem):
+        with eval_mode(problem.model):
             for _ in range(self.repeat):
                 h, earlier = v.clone(), None
                 for step in range(1, self.depth + 1):
@@ -161,17 +151,3 @@ class _MiniBatches:
         collate = self.problem.collate_fn or default_collate
         batch = collate([self.problem.train[i] for i in idx.tolist()])
         return move_to(batch, self.problem.device)
-
-
-class _eval:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Puts the problem's model in eval mode for the duration (dropout off)."""
-
-    def __init__(self, problem: AttributionProblem):
-        self.model = problem.model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)

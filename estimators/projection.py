@@ -36,19 +36,17 @@ import torch
 from torch import Tensor
 
 from estimators.gradients import GradientEngine, LayerGrads
+from estimators.options import KINDS, ProjectionOptions, choice, positive
 from estimators.problem import Batch
 
-KINDS = ("rademacher", "gaussian")
 # Bump whenever the numbers a given configuration produces change: it keys gradient indexes.
 VERSION = 2
-STRUCTURES = ("kronecker", "dense")
 
 
 def random_matrix(rows: int, cols: int, kind: str, seed: int, dtype=torch.float32) -> Tensor:
     """``[rows, cols]`` entries with mean 0 and variance 1/cols, from a seeded generator."""
     gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))
-    if kind not in KINDS:
-        raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
+    choice("projection_kind", kind, KINDS)
     values = torch.randn(rows, cols, generator=gen, dtype=dtype)
     if kind == "rademacher":  # the sign of a Gaussian is a fair ±1
         values.sign_()
@@ -122,14 +120,10 @@ class Projector:
 
     def __init__(self, engine: GradientEngine, dim: int, kind: str = "rademacher", seed: int = 0,
                  structure: str = "kronecker", block_rows: int = 4096):
-        if int(dim) <= 0:
-            raise ValueError(f"projection_dim must be a positive integer or null, got {dim!r}")
-        if kind not in KINDS:
-            raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
-        if structure not in STRUCTURES:
-            raise ValueError(f"projection structure must be one of {STRUCTURES}, got "
-                             f"{structure!r}")
-        self.engine, self.kind, self.seed = engine, kind, int(seed)
+        options = ProjectionOptions(positive("projection_dim", dim, integer=True), kind, seed,
+                                    structure)  # validated; a Projector always has a dim
+        dim, structure = options.dim, options.structure
+        self.engine, self.kind, self.seed = engine, options.kind, options.seed
         self.structure, self.block_rows = structure, int(block_rows)
         sizes = [o * i for o, i in (layer.shape for layer in engine.layers)]
         self.layer_seeds = [self.seed * 7919 + n for n in range(len(sizes))]

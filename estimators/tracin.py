@@ -45,8 +45,8 @@ class TracIn(GradientEstimator):
 
     Args:
         checkpoints: ``last``, ``all`` or a positive integer N (evenly spaced, last included).
-        modules, chunk_size, per_layer, projection_dim, projection_kind, projection_seed,
-            index_dir: see :class:`~estimators.base.GradientEstimator`.
+        **kwargs: ``modules``, ``chunk_size``, ``per_layer``, ``projection_*``, ``index_dir``,
+            ``candidates`` (see :class:`~estimators.base.GradientEstimator`).
     """
 
     def __init__(self, checkpoints: str | int = "all", **kwargs):

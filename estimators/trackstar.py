@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 
 from estimators.atomic import atomic_write, load_checked
-from estimators.base import GradientEstimator, check_positive
+from estimators.base import GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.index import GradientIndex, read_rows
+from estimators.options import bounded, choice, flag, positive
 from estimators.problem import AttributionProblem, adam_state
 
 HESSIANS = ("none", "train", "task", "mixed")
@@ -59,29 +60,24 @@ class TrackStar(GradientEstimator):
             on the corrected gradient) or ``dense`` (one P × d matrix, regenerated per chunk)).
     """
 
+    unsupported = {
+        "per_layer": "trackstar mixes layers (projection, R), so it has no layer-wise scores; "
+                     "set per_layer=false.",
+        "candidates": "trackstar scores every training example; set candidates=null (lexical "
+                      "candidates apply to grad_dot, grad_cos and tracin).",
+    }
+
     def __init__(self, optimizer_correction: bool = True, epsilon: float = 1e-8,
                  hessian: str = "mixed", mix: float = 0.5, damping: float = 1e-3,
                  unit_norm: bool = True, max_hessian_dim: int = 20_000, **kwargs):
-        kwargs.setdefault("projection_structure", "kronecker")
-        if kwargs.get("per_layer"):
-            raise ValueError("trackstar mixes layers (projection, R); per_layer is not defined.")
-        if kwargs.get("candidates"):
-            raise ValueError("trackstar scores every training example; candidates is not "
-                             "supported (it applies to grad_dot, grad_cos, tracin, ...).")
         super().__init__(**kwargs)
-        if hessian not in HESSIANS:
-            raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
-        if not 0.0 <= mix <= 1.0:
-            raise ValueError(f"mix must be in [0, 1], got {mix}")
-        check_positive("epsilon", epsilon)
-        check_positive("damping", damping)
-        self.optimizer_correction = bool(optimizer_correction)
-        self.epsilon = float(epsilon)
-        self.hessian = hessian
-        self.mix = float(mix)
-        self.damping = float(damping)
-        self.unit_norm = bool(unit_norm)
-        self.max_hessian_dim = int(max_hessian_dim)
+        self.optimizer_correction = flag("optimizer_correction", optimizer_correction)
+        self.epsilon = positive("epsilon", epsilon)
+        self.hessian = choice("hessian", hessian, HESSIANS)
+        self.mix = bounded("mix", mix, 0, 1)
+        self.damping = positive("damping", damping)
+        self.unit_norm = flag("unit_norm", unit_norm)
+        self.max_hessian_dim = positive("max_hessian_dim", max_hessian_dim, integer=True)
         self.diagnostics: dict[str, float] = {}
 
     # -- the optimizer correction: g / √(v̂ + ε), element-wise ------------------------------

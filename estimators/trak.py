@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from estimators.base import GradientEstimator, check_positive
+from estimators.base import GradientEstimator
 from estimators.gradients import GradientEngine
-from estimators.problem import AttributionProblem, move_to
+from estimators.options import bounded, number, positive
+from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import Projector
 
 
@@ -63,18 +64,15 @@ class TRAK(GradientEstimator):
             :class:`~estimators.base.GradientEstimator`).
     """
 
+    unsupported = {"per_layer": "trak has no layer-wise scores; set per_layer=false."}
+
     def __init__(self, n_models: int = 5, damping: float = 1e-3, seed: int = 0,
                  projection_dim: int = 512, **kwargs):
-        if kwargs.get("per_layer"):
-            raise ValueError("trak has no layer-wise scores; set per_layer=false.")
-        check_positive("n_models", n_models)
-        check_positive("projection_dim", projection_dim)
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        positive("projection_dim", projection_dim, integer=True)  # required: TRAK projects
         super().__init__(projection_dim=projection_dim, **kwargs)
-        self.n_models = int(n_models)
-        self.damping = float(damping)
-        self.seed = int(seed)
+        self.n_models = positive("n_models", n_models, integer=True)
+        self.damping = bounded("damping", damping, 0)
+        self.seed = number("seed", seed, integer=True)
         self.members: list[_Member] = []
 
     def ensemble(self, problem: AttributionProblem) -> list[AttributionProblem]:
@@ -92,9 +90,8 @@ class TRAK(GradientEstimator):
 
     def _one_minus_p(self, problem: AttributionProblem) -> Tensor:
         """``[n_train]``: 1 − exp(−L(z_m)), from a forward pass without gradients."""
-        problem.model.eval()
         values = []
-        with torch.no_grad():
+        with eval_mode(problem.model), torch.no_grad():
             for batch in problem.loader("train", self.chunk_size):
                 loss = problem.train_loss(problem.model, move_to(batch, problem.device))
                 values.append(-torch.expm1(-loss.double()).cpu())

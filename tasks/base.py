@@ -105,7 +105,7 @@ class Task(ABC):
         """The measurement of every query under ``model``: ``[n_queries]``, float64, on CPU."""
         problem = self.problem(model, [])
         values = []
-        with torch.no_grad(), eval_mode(model):
+        with eval_mode(model), torch.no_grad():
             for batch in problem.loader("queries", batch_size):
                 batch = move_to(batch, problem.device)
                 values.append(problem.query_measure(model, batch).double().cpu())

@@ -30,6 +30,7 @@ from estimators.problem import (
     TailPatch,
     adam_state,
     cross_entropy_sum,
+    eval_mode,
     move_to,
     sample_categorical,
 )
@@ -152,16 +153,14 @@ def sample_labels(logits: Tensor, batch: dict[str, Tensor], generator: torch.Gen
 def exact_match(model: nn.Module, data: Dataset, collate, batch_size: int = 128,
                 device: str | torch.device = "cpu") -> Tensor:
     """``[n]`` bool: every target token is the greedy (argmax) next token."""
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, len(data), batch_size):
-        batch = move_to(collate([data[i] for i in range(start, min(start + batch_size,
-                                                                     len(data)))]), device)
-        pred = lm_outputs(model, batch)[:, :-1].argmax(-1)
-        targets = batch["labels"][:, 1:]
-        out.append(((pred == targets) | (targets == IGNORE)).all(1).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            batch = move_to(collate([data[i] for i in range(start, min(start + batch_size,
+                                                                         len(data)))]), device)
+            pred = lm_outputs(model, batch)[:, :-1].argmax(-1)
+            targets = batch["labels"][:, 1:]
+            out.append(((pred == targets) | (targets == IGNORE)).all(1).cpu())
     return torch.cat(out)
 
 

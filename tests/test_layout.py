@@ -109,3 +109,18 @@ def test_no_untyped_side_channel_on_the_problem():
     users = [str(p.relative_to(REPO)) for p in sources
              if "problem.extra" in p.read_text() or ".extra[" in p.read_text()]
     assert not users, f"problem.extra is gone; use the problem's typed capabilities: {users}"
+
+
+def test_one_eval_mode_helper():
+    """Estimators and tasks switch a model to eval mode only through
+    ``estimators.problem.eval_mode``, which restores the mode it found; no module reads
+    ``.training`` to save and restore it by hand."""
+    bad = []
+    for package in ("estimators", "tasks", "bench"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "estimators" / "problem.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr == "training":
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad, f"use estimators.problem.eval_mode instead of saving .training: {bad}"

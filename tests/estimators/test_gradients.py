@@ -8,10 +8,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from estimators.arnoldi import Arnoldi
+from estimators.ekfac import EKFAC
+from estimators.explicit import Explicit
 from estimators.grad_cos import GradCos
 from estimators.grad_dot import GradDot
 from estimators.gradients import GradientEngine, tracked_layers
+from estimators.lissa import LiSSA
 from estimators.problem import AttributionProblem, cross_entropy_sum
+from estimators.trak import TRAK
 
 
 def reference_gradients(problem: AttributionProblem, which: str) -> torch.Tensor:
@@ -116,3 +121,24 @@ def test_non_finite_gradient_is_reported(tiny_mlp):
     bad[2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"examples \[2\]"):
         engine.gradients(problem.train_loss, (bad, y[:4]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GradDot(projection_dim=16),
+    lambda: TRAK(n_models=1, projection_dim=16),
+    lambda: LiSSA(depth=2, power_iterations=2, batch_size=16),
+    lambda: Arnoldi(rank=2, iterations=4),
+    lambda: Explicit(),
+    lambda: EKFAC(),
+], ids=["grad_dot", "trak", "lissa", "arnoldi", "explicit", "ekfac"])
+@pytest.mark.parametrize("training", [True, False])
+def test_estimators_leave_the_model_in_the_mode_they_found(tiny_mlp, make, training):
+    """Estimators differentiate in eval mode (:func:`estimators.problem.eval_mode`) and
+    hand the model back in train or eval mode as it came."""
+    problem, _ = tiny_mlp
+    problem.model.train(training)
+    try:
+        make().score(problem)
+        assert problem.model.training is training
+    finally:
+        problem.model.eval()
