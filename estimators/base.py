@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from estimators import candidates as lexical
-from estimators.gradients import GradientEngine, LayerGrads, dot
+from estimators.gradients import GradientEngine, LayerGrads, dot, score_dtype
 from estimators.index import GradientIndex, fingerprint, read_rows
 from estimators.options import GradientOptions, Option, ProjectionOptions, positive
 from estimators.problem import AttributionProblem, eval_mode, move_to
@@ -252,16 +252,17 @@ class GradientEstimator(Estimator):
         projector = self.projector(engine, offset)
         query_grads = self.query_gradients(problem, engine, projector)
         pre = self.precondition(problem, engine, query_grads)
-        pre = {n: g.to(torch.float32) for n, g in pre.items()}
+        dtype = score_dtype(problem.model)
+        pre = {n: g.to(dtype) for n, g in pre.items()}
         shape = (len(pre), problem.n_queries, problem.n_train)
-        scores = torch.zeros(shape if self.per_layer else shape[1:])
+        scores = torch.zeros(shape if self.per_layer else shape[1:], dtype=dtype)
         columns, train_problem, mask = torch.arange(problem.n_train), problem, None
         if self.candidates:  # gradients only for the union of the queries' candidates
             mask = lexical.candidate_mask(problem, **self.candidates)
             columns = mask.any(0).nonzero().flatten()
             train_problem = lexical.restricted(problem, columns)
         for idx, grads in self.training_gradients(train_problem, engine, projector):
-            grads = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}
+            grads = {n: g.to(dtype) for n, g in self.transform_train(grads).items()}
             scores[..., columns[idx]] = -dot(pre, grads, per_layer=self.per_layer).cpu()
             del grads  # one chunk alive at a time
         if mask is not None:
@@ -275,11 +276,12 @@ class GradientEstimator(Estimator):
         """``[n_train]``: T(∇L(z_m)) · P ∇L(z_m) for ``problem.model`` (H = I: ‖∇L‖²)."""
         engine = self.engine(problem)
         projector = self.projector(engine, offset)
-        values = torch.zeros(problem.n_train)
+        dtype = score_dtype(problem.model)
+        values = torch.zeros(problem.n_train, dtype=dtype)
         for idx, grads in self.training_gradients(problem, engine, projector):
             pre = self.precondition(problem, engine, grads)
-            pre = {n: g.to(torch.float32) for n, g in pre.items()}
-            train = {n: g.to(torch.float32) for n, g in self.transform_train(grads).items()}
+            pre = {n: g.to(dtype) for n, g in pre.items()}
+            train = {n: g.to(dtype) for n, g in self.transform_train(grads).items()}
             values[idx] = sum((pre[n].flatten(1) * train[n].flatten(1)).sum(1)
                               for n in train).cpu()
         return values

@@ -234,6 +234,14 @@ class GradientEngine:
         return out
 
 
+def score_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype scores are computed and returned in: float64 for a float64 model, float32
+    otherwise (a bf16/fp16 model's gradients accumulate in float32), whatever torch's
+    default dtype."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def dot(queries: LayerGrads, train: LayerGrads, per_layer: bool = False) -> Tensor:
     """Inner products of two sets of layer-wise gradients.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import torch
 from torch import Tensor
 
 from estimators.base import GradientEstimator
@@ -77,7 +76,8 @@ class TracIn(GradientEstimator):
         return total
 
     def self_influence(self, problem: AttributionProblem) -> Tensor:
-        total = torch.zeros(problem.n_train)
+        total = None
         for c in select_checkpoints(problem.checkpoints, self.checkpoints):
-            total += c.lr * self.self_influence_model(self._at(problem, c))
+            values = c.lr * self.self_influence_model(self._at(problem, c))
+            total = values if total is None else total + values
         return total

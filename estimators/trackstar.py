@@ -173,7 +173,7 @@ class TrackStar(GradientEstimator):
                  if w > 0 else torch.zeros_like(gram))
         q_norm = (gram.diagonal() - (gram * (k_inv @ gram)).sum(0)).sqrt()
         self.diagnostics["hessian_damping"] = float(delta)
-        scores = torch.zeros(n_q, problem.n_train)
+        scores = torch.zeros(n_q, problem.n_train, dtype=torch.float32)
         for rows, z in encodings:
             b = q_a @ z.T  # [Q, B] qᵀA⁻¹m
             k_b = k_inv @ b
@@ -192,7 +192,7 @@ class TrackStar(GradientEstimator):
             return self._scores_whitened(problem, engine, projector, queries)
         normalize = torch.nn.functional.normalize
         phi_q = normalize(queries, dim=1) if self.unit_norm else queries
-        scores = torch.zeros(problem.n_queries, problem.n_train)
+        scores = torch.zeros(problem.n_queries, problem.n_train, dtype=torch.float32)
         for rows, g in self._encodings(problem, engine, projector):
             phi_m = normalize(g, dim=1) if self.unit_norm else g
             scores[:, rows] = -(phi_q @ phi_m.T).float().cpu()

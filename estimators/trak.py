@@ -118,8 +118,8 @@ class TRAK(GradientEstimator):
     def _kernel_scores(self, m: _Member, phi_q: Tensor | None) -> Tensor:
         """``[Q, n_train]`` φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_m, or the leverages ``[n_train]`` if no queries."""
         solved = None if phi_q is None else torch.cholesky_solve(phi_q.T, m.cholesky).T.float()
-        out = torch.zeros(m.problem.n_train) if phi_q is None else torch.zeros(
-            phi_q.shape[0], m.problem.n_train)
+        shape = (m.problem.n_train,) if phi_q is None else (phi_q.shape[0], m.problem.n_train)
+        out = torch.zeros(shape, dtype=torch.float32)
         for rows, feats in self.training_gradients(m.problem, m.engine, m.projector, "queries"):
             phi = m.projector.flatten(feats).cpu()
             if phi_q is None:
@@ -131,7 +131,7 @@ class TRAK(GradientEstimator):
     def score(self, problem: AttributionProblem) -> Tensor:
         if not self.members:
             self.fit(problem)
-        kernel = torch.zeros(problem.n_queries, problem.n_train)
+        kernel = torch.zeros(problem.n_queries, problem.n_train, dtype=torch.float32)
         for m in self.members:
             q = self.query_gradients(m.problem, m.engine, m.projector)
             kernel += self._kernel_scores(m, m.projector.flatten(q).double().cpu())

@@ -39,6 +39,7 @@ from bench import ground_truth as driver
 from bench.truths.base import GroundTruth, TruthContext, register_truth
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
+from estimators.options import bounded, number, positive
 from estimators.problem import AttributionProblem, Batch, move_to
 
 DEFAULTS = {
@@ -144,13 +145,11 @@ class PBRF(GroundTruth):
 
     def validate(self) -> None:
         for key in ("n", "max_iter", "history_size"):
-            if int(self.spec[key]) < 1:
-                raise ValueError(f"task.pbrf.{key} must be at least 1, got {self.spec[key]}")
+            positive(f"task.pbrf.{key}", self.spec[key], integer=True)
         for key in ("epsilon", "tolerance_grad"):
-            if not float(self.spec[key]) > 0:
-                raise ValueError(f"task.pbrf.{key} must be positive, got {self.spec[key]}")
-        if float(self.spec["damping"]) < 0:
-            raise ValueError(f"task.pbrf.damping must be >= 0, got {self.spec['damping']}")
+            positive(f"task.pbrf.{key}", self.spec[key])
+        bounded("task.pbrf.damping", self.spec["damping"], 0.0)
+        number("task.pbrf.seed", self.spec["seed"], integer=True)
 
     def plan(self, ctx: TruthContext) -> driver.Plan:
         gen = torch.Generator().manual_seed(int(self.spec["seed"]))

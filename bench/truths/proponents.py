@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from bench.metrics.fact_tracing import proponents_truth
 from bench.truths.base import GroundTruth, TruthContext, register_truth
+from estimators.options import flag, number, positive
 
 FACT_DEFAULTS = {"k": 10, "seed": 0, "tail_patch_k": None, "with_tail_patch": True}
 
 
 def check_fact_settings(spec: dict) -> None:
-    """Refuses a non-positive ``fact_metrics.k`` or ``tail_patch_k``."""
-    if int(spec["k"]) <= 0:
-        raise ValueError(f"fact_metrics.k must be positive, got {spec['k']}")
-    if spec["tail_patch_k"] is not None and int(spec["tail_patch_k"]) <= 0:
-        raise ValueError(f"fact_metrics.tail_patch_k must be positive or null, got "
-                         f"{spec['tail_patch_k']}")
+    """Refuses a bad ``fact_metrics`` value, naming its key."""
+    positive("fact_metrics.k", spec["k"], integer=True)
+    positive("fact_metrics.tail_patch_k", spec["tail_patch_k"], integer=True, allow_none=True)
+    number("fact_metrics.seed", spec["seed"], integer=True)
+    flag("fact_metrics.with_tail_patch", spec["with_tail_patch"])
 
 
 @register_truth

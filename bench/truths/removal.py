@@ -45,6 +45,7 @@ from bench import ground_truth as driver
 from bench.cache import content_hash
 from bench.truths.base import GroundTruth, TruthContext, register_truth
 from bench.truths.retraining import RETRAIN_SEED_BASE, check_retrainable, fit_and_measure, stacked
+from estimators.options import bounded, flag, number, positive
 from tasks.base import Task
 
 
@@ -101,13 +102,12 @@ class Removal(GroundTruth):
                 "random_seed": 0}
 
     def validate(self) -> None:
-        if not 0.0 < float(self.spec["fraction"]) < 1.0:
+        flag("removal.enabled", self.spec["enabled"])
+        if not 0.0 < bounded("removal.fraction", self.spec["fraction"], 0.0, 1.0) < 1.0:
             raise ValueError(f"removal.fraction must be in (0, 1), got {self.spec['fraction']}")
-        if int(self.spec["seeds"]) < 1:
-            raise ValueError(f"removal.seeds must be at least 1, got {self.spec['seeds']}")
-        if self.spec["n_queries"] is not None and int(self.spec["n_queries"]) < 1:
-            raise ValueError(f"removal.n_queries must be at least 1 or null, got "
-                             f"{self.spec['n_queries']}")
+        positive("removal.seeds", self.spec["seeds"], integer=True)
+        positive("removal.n_queries", self.spec["n_queries"], integer=True, allow_none=True)
+        number("removal.random_seed", self.spec["random_seed"], integer=True)
 
     def check(self, task: Task) -> None:
         if self.spec["enabled"]:

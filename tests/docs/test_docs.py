@@ -133,3 +133,30 @@ def test_the_extending_example_registers_a_metric_and_a_ground_truth_through_the
 
 def python_blocks_of(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_path):
+    """docs/extending.md's DiagFisher, its module on PYTHONPATH and its YAML on Hydra's search
+    path: a run and a score matrix, no file of the repository edited."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = (REPO / "docs" / "extending.md").read_text().split("## A task", 1)[0]
+    (tmp_path / "diag_fisher.py").write_text(python_blocks_of(text)[0])
+    yaml_block = re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)[0]
+    (tmp_path / "conf" / "estimator").mkdir(parents=True)
+    (tmp_path / "conf" / "estimator" / "diag_fisher.yaml").write_text(
+        yaml_block.replace("estimators.diag_fisher.DiagFisher", "diag_fisher.DiagFisher"))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "WANDB_MODE": "offline"}
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+         "task=digits_mlp", "estimator=diag_fisher", "logger=none", "progress=false",
+         "task.n_train=120", "task.n_queries=12", "task.epochs=3", "task.lds.subsets=8",
+         "task.lds.seeds=1", "task.pbrf=null", f"cache_dir={tmp_path / 'cache'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["estimator"] == "diag_fisher" and -1.0 <= record["lds"] <= 1.0

@@ -67,7 +67,7 @@ def test_tracin_one_checkpoint_is_lr_times_grad_dot(mlp_with_checkpoints):
 
 def test_tracin_sums_checkpoints(mlp_with_checkpoints):
     problem, _ = mlp_with_checkpoints
-    total = torch.zeros(problem.n_queries, problem.n_train)
+    total = torch.zeros(problem.n_queries, problem.n_train, dtype=torch.float64)  # model's dtype
     for c in problem.checkpoints:
         model = copy.deepcopy(problem.model)
         model.load_state_dict(c.state_dict)
@@ -79,7 +79,7 @@ def test_grad_dot_self_influence_is_squared_norm(mlp_with_checkpoints):
     problem, _ = mlp_with_checkpoints
     engine = GradientEngine(problem.model)
     norms = engine.flatten(engine.all_gradients(problem, "train", 64)).pow(2).sum(1)
-    assert torch.allclose(GradDot().self_influence(problem), norms.float(), rtol=1e-5)
+    assert torch.allclose(GradDot().self_influence(problem), norms, rtol=1e-5)
 
 
 def test_grad_cos_self_influence_is_one(mlp_with_checkpoints):
