@@ -17,27 +17,29 @@ from estimators.options import flag, number, positive
 FACT_DEFAULTS = {"k": 10, "seed": 0, "tail_patch_k": None, "with_tail_patch": True}
 
 
-def check_fact_settings(spec: dict) -> None:
-    """Refuses a bad ``fact_metrics`` value, naming its key."""
-    positive("fact_metrics.k", spec["k"], integer=True)
-    positive("fact_metrics.tail_patch_k", spec["tail_patch_k"], integer=True, allow_none=True)
-    number("fact_metrics.seed", spec["seed"], integer=True)
-    flag("fact_metrics.with_tail_patch", spec["with_tail_patch"])
+class FactTracing(GroundTruth):
+    """What the fact-tracing kinds share: the ``fact_metrics:`` block, checked once; they
+    compute in the run that needs them, never as ``stage=ground_truth`` jobs."""
 
-
-@register_truth
-class Proponents(GroundTruth):
-    """The documents that state each query's fact (see module docstring)."""
-
-    name = "proponents"
     scope = "run"
-    needs = "model"
     config_key = "fact_metrics"
     defaults = FACT_DEFAULTS
     sharded = False
 
     def validate(self) -> None:
-        check_fact_settings(self.spec)
+        positive("fact_metrics.k", self.spec["k"], integer=True)
+        positive("fact_metrics.tail_patch_k", self.spec["tail_patch_k"], integer=True,
+                 allow_none=True)
+        number("fact_metrics.seed", self.spec["seed"], integer=True)
+        flag("fact_metrics.with_tail_patch", self.spec["with_tail_patch"])
+
+
+@register_truth
+class Proponents(FactTracing):
+    """The documents that state each query's fact (see module docstring)."""
+
+    name = "proponents"
+    needs = "model"
 
     def active(self, ctx: TruthContext) -> bool:
         return ctx.problem is not None and ctx.problem.proponents is not None

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from bench.metrics.fact_tracing import ranking
-from bench.truths.base import GroundTruth, TruthContext, register_truth
-from bench.truths.proponents import FACT_DEFAULTS, check_fact_settings
+from bench.truths.base import TruthContext, register_truth
+from bench.truths.proponents import FactTracing
 from estimators.gradients import GradientEngine, squared_norm
 from estimators.problem import AttributionProblem, TailPatch, eval_mode, move_to
 
@@ -131,18 +131,11 @@ def tail_patch(patcher: TailPatcher, selections: dict[str, Tensor],
 
 
 @register_truth
-class TailPatchTest(GroundTruth):
+class TailPatchTest(FactTracing):
     """One training step per top-ranked document (see module docstring)."""
 
     name = "tail_patch"
-    scope = "run"
     needs = "scores"
-    config_key = "fact_metrics"
-    defaults = FACT_DEFAULTS
-    sharded = False
-
-    def validate(self) -> None:
-        check_fact_settings(self.spec)
 
     def active(self, ctx: TruthContext) -> bool:
         if not self.spec["with_tail_patch"]:
