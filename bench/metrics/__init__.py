@@ -11,6 +11,8 @@ from bench.metrics.correlation import lds_ceiling, lds_per_query, loo_per_query
 from bench.metrics.mislabel import mislabel_metrics
 from bench.metrics.registry import (
     Metric,
+    baseline_of,
+    baseline_rows,
     evaluate,
     higher_is_better,
     is_cost,
@@ -25,6 +27,6 @@ from bench.metrics.registry import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Metric", "evaluate", "higher_is_better", "is_cost", "is_headline", "is_printed",
-           "lds_ceiling", "lds_per_query", "loo_per_query", "mean_sem", "metrics",
-           "mislabel_metrics", "register_metric", "spec_for"]
+__all__ = ["Metric", "baseline_of", "baseline_rows", "evaluate", "higher_is_better", "is_cost",
+           "is_headline", "is_printed", "lds_ceiling", "lds_per_query", "loo_per_query",
+           "mean_sem", "metrics", "mislabel_metrics", "register_metric", "spec_for"]

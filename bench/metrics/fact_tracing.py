@@ -90,11 +90,12 @@ register_metric(Metric(
 register_metric(Metric(
     "tail_patch", needs="tail_patch", order=43, values=lambda scores, t: t["tail_patch"],
     doc="increase of log p(target) after one training step on each top-k document"))
-for _name, _order, _what in (("random", 44, "k random documents"),
-                             ("gradnorm", 45, "the k documents of largest gradient norm")):
+for _name, _order, _what, _row in (
+        ("random", 44, "k random documents", "random ranking"),
+        ("gradnorm", 45, "the k documents of largest gradient norm", "gradient-norm ranking")):
     register_metric(Metric(
         f"tail_patch_{_name}", needs="tail_patch", role="diagnostic", order=_order,
         values=lambda scores, t, key=f"tail_patch_{_name}": t[key],
-        doc=f"tail-patch baseline: one step on {_what}"))
+        baseline=(_row, "tail_patch"), doc=f"tail-patch baseline: one step on {_what}"))
 register_metric(Metric("query_accuracy", role="info", order=80,
                        doc="exact match of the queries' targets (reported by the task)"))

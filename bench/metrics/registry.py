@@ -50,6 +50,10 @@ class Metric:
         column: the ``per_query.csv`` column (default: the key).
         order: position in tables and printouts (then by name).
         printed: shown in a run's printed summary.
+        baseline: ``(row, metric)`` when this key is the value of ``metric`` for a baseline
+            ranking that does not depend on the estimator (``tail_patch_random`` is
+            ``tail_patch`` of k random documents): the leaderboard shows it as a row of its
+            own, named ``row``, not as a column repeated in every estimator's row.
         doc: one line for the docs.
     """
 
@@ -62,6 +66,7 @@ class Metric:
     column: str | None = None
     order: int = 100
     printed: bool = True
+    baseline: tuple[str, str] | None = None
     doc: str = ""
 
     def __post_init__(self):
@@ -154,6 +159,24 @@ def is_printed(key: str) -> bool:
         return base is not None and base.sem and base.printed
     spec = spec or _grouped(key)
     return spec is not None and spec.printed
+
+
+def baseline_rows() -> list[str]:
+    """The names of the baseline rows the registered metrics define, sorted."""
+    return sorted({m.baseline[0] for m in metrics() if m.baseline})
+
+
+def baseline_of(key: str) -> tuple[str, str] | None:
+    """``(row, metric)`` when ``key`` is a baseline ranking's value of ``metric`` (also for a
+    query group's variant: ``flipped_tail_patch_random`` -> ``flipped_tail_patch``)."""
+    spec = spec_for(key)
+    if spec is not None:
+        return spec.baseline
+    grouped = _grouped(key)
+    if grouped is None or grouped.baseline is None:
+        return None
+    prefix = key.split("_", 1)[0]
+    return grouped.baseline[0], f"{prefix}_{grouped.baseline[1]}"
 
 
 def _grouped(key: str) -> Metric | None:

@@ -26,6 +26,7 @@ register_metric(Metric("removal_drop", needs="removal", role="diagnostic", sem=T
                        doc="drop of f after retraining without each query's top proponents"))
 register_metric(Metric("removal_drop_random", needs="removal", role="diagnostic", sem=True,
                        order=61, values=_drops("drop_random"),
+                       baseline=("random removal", "removal_drop"),
                        doc="the same drop after removing as many random training examples"))
 for _key, _order, _doc in (("removal_k", 62, "training examples removed per query"),
                            ("removal_queries", 63, "queries tested")):

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         args.dirs = [args.archive]
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else None
-        build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
-              not args.no_plots, shown, args.compare)
+        cells = build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
+                      not args.no_plots, shown, args.compare)
     except (FileNotFoundError, ValueError) as err:
         print(f"tda-bench-leaderboard: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.wandb_project:
         from bench.report.publish import log_leaderboard
 
-        log_leaderboard(args.out, args.wandb_project)
+        log_leaderboard(args.out, args.wandb_project, cells)
 
 
 def _without_sources(argv: list[str], dirs: list[Path]) -> list[str]:

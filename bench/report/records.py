@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import is_cost, is_headline
+from bench.metrics import baseline_of, is_cost, is_headline
 from bench.report import tables as render
 
 # Per-query columns named differently from their record key.
@@ -153,7 +153,8 @@ def metric_names(runs: list[Run]) -> list[str]:
     found = set()
     for run in runs:
         found |= {k for k, v in run.record.items() if isinstance(v, int | float | None) and (
-            is_headline(k) or is_cost(k) or query_values(run.per_query, k) is not None)}
+            is_headline(k) or is_cost(k) or is_headline((baseline_of(k) or ("", ""))[1])
+            or query_values(run.per_query, k) is not None)}
         if "fit_seconds" in run.record and "score_seconds" in run.record:
             found.add("seconds")
     return render.metric_order(found - {"seed"})

@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from bench.metrics import higher_is_better, is_headline
+from bench.metrics import baseline_of, baseline_rows, higher_is_better, is_headline
 from bench.report.records import command_for, per_seed_values
 from bench.report.tables import CEILING, FLOOR
 
@@ -91,14 +91,12 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
                 "missing_seeds": ",".join(map(str, missing)), "command": command_for(runs, seeds),
                 "commit": ",".join(sorted({str(r.record.get("commit", "unknown")) for r in runs}))}
         for metric in metrics:
-            pairs = [per_seed_values(r, metric) for r in runs]
-            scalars = np.array([p[0] for p in pairs])
-            if not np.isfinite(scalars).any():
+            if baseline_of(metric) is not None:  # a row of its own, below
                 continue
-            values = _stack([p[1] for p in pairs])
-            lo, hi = bootstrap_interval(values, cell_seed(seed, task, estimator, metric), n_boot)
-            rows.append({**base, "metric": metric, "mean": float(np.nanmean(scalars)),
-                         "lo": lo, "hi": hi, "higher_is_better": higher_is_better(metric)})
+            cell = _cell(runs, metric, cell_seed(seed, task, estimator, metric), n_boot)
+            if cell is not None:
+                rows.append({**base, **cell, "metric": metric})
+    rows += _baseline_cells(frame, metrics, expected, n_boot, seed)
     ceilings = [{"task": task, "value": float(run.record["lds_ceiling"])}
                 for task, run in zip(frame["task"], frame["run"], strict=True)
                 if run.record.get("lds_ceiling") is not None]
@@ -115,12 +113,46 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
     return mark_best(cells)
 
 
+def _cell(runs: list, metric: str, rng: np.random.Generator, n_boot: int) -> dict | None:
+    """``{mean, lo, hi, higher_is_better}`` of ``metric`` over the seeds ``runs``, or None."""
+    pairs = [per_seed_values(r, metric) for r in runs]
+    scalars = np.array([p[0] for p in pairs])
+    if not np.isfinite(scalars).any():
+        return None
+    lo, hi = bootstrap_interval(_stack([p[1] for p in pairs]), rng, n_boot)
+    return {"mean": float(np.nanmean(scalars)), "lo": lo, "hi": hi,
+            "higher_is_better": higher_is_better(metric)}
+
+
+def _baseline_cells(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[int]],
+                    n_boot: int, seed: int) -> list[dict]:
+    """Cells of the baseline rows (:func:`bench.metrics.baseline_of`): a baseline ranking's
+    value does not depend on the estimator, so it is read from the records of the first
+    estimator (by name) that has it, and shown once, as the row's ``metric`` column."""
+    rows = []
+    for task, group in frame.groupby("task", sort=True):
+        for metric in metrics:
+            found = baseline_of(metric)
+            if found is None:
+                continue
+            row, target = found
+            for estimator, runs in group.groupby("estimator", sort=True)["run"]:
+                cell = _cell(list(runs), metric, cell_seed(seed, task, row, target), n_boot)
+                if cell is not None:
+                    rows.append({"task": task, "estimator": row, "metric": target, **cell,
+                                 "n_seeds": len(runs), "expected_seeds": len(expected[task]),
+                                 "missing_seeds": "", "command": f"(the records of {estimator})",
+                                 "commit": ""})
+                    break
+    return rows
+
+
 def mark_best(cells: pd.DataFrame) -> pd.DataFrame:
     """Adds ``best``: the best mean per (task, metric) among the estimators (not the
-    ``random`` floor or the ceiling, which are references)."""
+    ``random`` floor, the baseline rankings or the ceiling, which are references)."""
     cells = cells.copy()
     cells["best"] = False
-    candidates = ~cells["estimator"].isin([CEILING, FLOOR])
+    candidates = ~cells["estimator"].isin([CEILING, FLOOR, *baseline_rows()])
     for _, group in cells[candidates].groupby(["task", "metric"]):
         means = group["mean"]
         if not np.isfinite(means).any():

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import higher_is_better, is_cost, is_headline
+from bench.metrics import baseline_rows, higher_is_better, is_cost, is_headline
 from bench.metrics.registry import order_of
 
 CEILING = "LDS noise ceiling"
@@ -27,9 +27,10 @@ def metric_order(metrics) -> list[str]:
 
 
 def estimator_order(estimators) -> list[str]:
-    """Estimators alphabetically, then the ``random`` floor, then the noise ceiling."""
+    """Estimators alphabetically, then the baseline rankings, the ``random`` floor and the
+    noise ceiling."""
     names = set(estimators)
-    tail = [n for n in (FLOOR, CEILING) if n in names]
+    tail = [n for n in (*baseline_rows(), FLOOR, CEILING) if n in names]
     return sorted(names - set(tail)) + tail
 
 
@@ -80,29 +81,66 @@ def _md_row(values: list[str]) -> str:
     return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
 
 
-def task_section(task: str, cells: pd.DataFrame) -> list[str]:
-    """The markdown table of one task, then its commands."""
+def task_tables(task: str, cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tables of one task as text cells: ``headline`` (the headline metrics and the
+    costs) and ``diagnostics`` (every other metric; absent when there is none). One row per
+    estimator, baseline ranking, the floor and the ceiling that has a value in the table;
+    columns ``estimator``, ``{metric} ↑/↓`` and ``seeds``."""
     here = cells[cells["task"] == task]
     metrics = metric_order(here["metric"])
-    arrows = [f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in metrics]
-    lines = [f"## {task}", "", _md_row(["estimator", *arrows, "seeds"]),
-             "|" + "---|" * (len(metrics) + 2)]
+    headline = [m for m in metrics if is_headline(m) or is_cost(m)] or metrics
+    parts = {"headline": headline, "diagnostics": [m for m in metrics if m not in headline]}
+    out = {}
+    for part, chosen in parts.items():
+        rows = []
+        for estimator in estimator_order(here["estimator"]):
+            found = here[(here["estimator"] == estimator) & here["metric"].isin(chosen)]
+            if found.empty:
+                continue
+            by = {r["metric"]: r for _, r in found.iterrows()}
+            rows.append({"estimator": _row_name(estimator, found.iloc[0]),
+                         **{_arrow(m): _cell(by.get(m), m) for m in chosen},
+                         "seeds": _seeds(estimator, found.iloc[0])})
+        if rows:
+            out[part] = pd.DataFrame(rows, columns=["estimator", *map(_arrow, chosen), "seeds"])
+    return out
+
+
+def _arrow(metric: str) -> str:
+    return f"{metric} {'↑' if higher_is_better(metric) else '↓'}"
+
+
+def _row_name(estimator: str, first: pd.Series) -> str:
+    if estimator == CEILING or estimator in baseline_rows():
+        return f"*{estimator}*"
+    return estimator + (" †" if first["missing_seeds"] else "")
+
+
+def _seeds(estimator: str, first: pd.Series) -> str:
+    if estimator == CEILING:
+        return ""
+    seeds = f"{first['n_seeds']}/{first['expected_seeds']}"
+    return seeds + (f" (missing {first['missing_seeds']})" if first["missing_seeds"] else "")
+
+
+def _md_table(frame: pd.DataFrame) -> list[str]:
+    return [_md_row(list(frame.columns)), "|" + "---|" * len(frame.columns),
+            *[_md_row(list(row)) for row in frame.itertuples(index=False)]]
+
+
+def task_section(task: str, cells: pd.DataFrame) -> list[str]:
+    """The markdown tables of one task (headline, then diagnostics), then its commands."""
+    tables = task_tables(task, cells)
+    lines = [f"## {task}", "", *_md_table(tables["headline"])]
+    if "diagnostics" in tables:
+        lines += ["", "Diagnostics:", "", *_md_table(tables["diagnostics"])]
+    here = cells[cells["task"] == task]
     commands = []
     for estimator in estimator_order(here["estimator"]):
-        rows = here[here["estimator"] == estimator]
-        by = {r["metric"]: r for _, r in rows.iterrows()}
-        first = rows.iloc[0]
-        name, seeds = estimator, ""
-        if estimator == CEILING:
-            name = f"*{CEILING}*"
-        else:
-            seeds = f"{first['n_seeds']}/{first['expected_seeds']}"
-            if first["missing_seeds"]:
-                name += " †"
-                seeds += f" (missing {first['missing_seeds']})"
-            commands.append(_md_row([estimator, f"`{first['command']}`",
-                                     f"`{first['commit']}`"]))
-        lines.append(_md_row([name, *[_cell(by.get(m), m) for m in metrics], seeds]))
+        if estimator == CEILING or estimator in baseline_rows():
+            continue
+        first = here[here["estimator"] == estimator].iloc[0]
+        commands.append(_md_row([estimator, f"`{first['command']}`", f"`{first['commit']}`"]))
     lines += ["", "Reproduce:", "", _md_row(["estimator", "command", "commit"]), "|---|---|---|",
               *commands, ""]
     return lines
@@ -140,7 +178,11 @@ def markdown(cells: pd.DataFrame, context: dict[str, Any]) -> str:
         f"{context['seed']}). **Bold**: best estimator in its column (↑ higher is better, ↓ "
         "lower is better). †: seeds missing, averaged over the seeds present (the seeds column "
         "says which). `seconds` is fit + score time; `peak_rss_mb` the run's peak resident memory "
-        "(MiB). `random` is the floor; the *LDS noise ceiling* is the split-half Spearman "
+        "(MiB). Each task has a headline table (its headline accuracy metrics and the costs) and "
+        "a diagnostics table (the rest). `random` is the floor; *random ranking*, "
+        "*gradient-norm ranking* and *random removal* are baselines that do not depend on the "
+        "estimator (read from one estimator's records); the *LDS noise ceiling* is the "
+        "split-half Spearman "
         "correlation r between halves of the ground truth's retraining seeds: how "
         "reproducible the truth is. The LDS uses the mean of all seeds, which is less noisy, so "
         "an estimator can exceed r; a perfect one would reach about √(2r/(1 + r)).", "",

@@ -215,3 +215,28 @@ def test_archive_copies_records_and_rebuilds_identically(records, tmp_path, monk
     assert (tmp_path / "c" / "leaderboard.csv").read_bytes() == (
         tmp_path / "a" / "leaderboard.csv").read_bytes()
     assert (tmp_path / "c" / "LEADERBOARD.md").read_text().replace("--out c", "--out b") == built
+
+
+def test_estimator_independent_baselines_are_rows_and_diagnostics_a_table_of_their_own(
+        tmp_path):
+    """``tail_patch_random`` is the same in every estimator's record: one row of its own (its
+    ``tail_patch`` cell), never a column, never bold; metrics that are not headline go to
+    the diagnostics table."""
+    root = tmp_path / "runs"
+    for estimator, value in (("a", 0.5), ("b", 0.2)):
+        for seed in (0, 1):
+            out = write_run(root, "t", estimator, seed, [value, value + 0.1],
+                            extra={"tail_patch": value, "tail_patch_random": 0.9,
+                                   "proponent_share": 0.1})
+            per_query = pd.read_csv(out / "per_query.csv").assign(proponent_share=[0.1, 0.1])
+            per_query.to_csv(out / "per_query.csv", index=False)
+    cells = lb.build([root], tmp_path / "out", n_boot=50, plots=False)
+    row = cells[cells["estimator"] == "random ranking"]
+    assert list(row["metric"]) == ["tail_patch"] and float(row["mean"].iloc[0]) == 0.9
+    assert "tail_patch_random" not in set(cells["metric"])
+    best = cells[(cells["metric"] == "tail_patch") & cells["best"]]
+    assert list(best["estimator"]) == ["a"]  # the baseline's 0.9 is a reference, not a winner
+    text = (tmp_path / "out" / "LEADERBOARD.md").read_text()
+    headline, diagnostics = text.split("## t", 1)[1].split("Diagnostics:", 1)
+    assert "| *random ranking* |" in headline and "tail_patch ↑" in headline
+    assert "proponent_share ↑" in diagnostics and "proponent_share" not in headline
