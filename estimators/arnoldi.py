@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import EXACT_GRADIENTS, GradientEstimator
-from estimators.curvature_products import full_products
+from estimators.curvature_products import curvature_sample, full_products
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.options import CURVATURES, bounded, choice, number, positive
 from estimators.problem import AttributionProblem, eval_mode
@@ -40,7 +40,10 @@ class Arnoldi(GradientEstimator):
         curvature: ``ggn`` (default) or ``hessian``.
         damping: λ added to the curvature (on top of the task's λ₂).
         batch_size: training examples per curvature-product batch.
-        seed: seeds the start vector.
+        sample: run the iterations on the curvature of a fixed random sample of this many
+            training examples (Schioppa et al. 2022 iterate on a subsample); None: the whole
+            training set.
+        seed: seeds the start vector and the sample.
         **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
             :class:`~estimators.base.GradientEstimator`).
     """
@@ -48,7 +51,8 @@ class Arnoldi(GradientEstimator):
     unsupported = EXACT_GRADIENTS
 
     def __init__(self, rank: int = 200, iterations: int = 400, curvature: str = "ggn",
-                 damping: float = 1e-3, batch_size: int = 256, seed: int = 0, **kwargs):
+                 damping: float = 1e-3, batch_size: int = 256, sample: int | None = None,
+                 seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.rank = positive("rank", rank, integer=True)
         self.iterations = positive("iterations", iterations, integer=True)
@@ -58,6 +62,7 @@ class Arnoldi(GradientEstimator):
         self.curvature = choice("curvature", curvature, CURVATURES)
         self.damping = bounded("damping", damping, 0)
         self.batch_size = positive("batch_size", batch_size, integer=True)
+        self.sample = positive("sample", sample, integer=True, allow_none=True)
         self.seed = number("seed", seed, integer=True)
         self.eigenvalues: Tensor | None = None  # [k] float64, descending
         self.eigenvectors: Tensor | None = None  # [k, P] float64, orthonormal rows
@@ -65,7 +70,8 @@ class Arnoldi(GradientEstimator):
 
     def fit(self, problem: AttributionProblem) -> None:
         engine = self.engine(problem)
-        full = full_products(problem, engine, self.curvature, self.batch_size)
+        full = full_products(curvature_sample(problem, self.sample, self.seed), engine,
+                             self.curvature, self.batch_size)
         p = engine.num_params
         n = min(self.iterations, p)
         generator = torch.Generator().manual_seed(self.seed)

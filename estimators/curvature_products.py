@@ -14,11 +14,13 @@ are multiplied together with ``torch.func.vmap``, never one by one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils.data import Subset
 
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
@@ -69,6 +71,20 @@ def full_products(problem: AttributionProblem, engine: GradientEngine, kind: str
         return (total / problem.n_train + problem.l2 * vectors.to(total)).detach()
 
     return full
+
+
+def curvature_sample(problem: AttributionProblem, size: int | None,
+                     seed: int) -> AttributionProblem:
+    """The problem whose training set is a fixed random sample of ``size`` examples (drawn
+    with ``seed``): the curvature of its mean objective estimates the full one's at
+    ``size / n_train`` of the cost per product. ``size`` None, or at least ``n_train``: the
+    problem itself."""
+    if size is None or size >= problem.n_train:
+        return problem
+    generator = torch.Generator().manual_seed(int(seed))
+    keep = torch.randperm(problem.n_train, generator=generator)[:size].sort().values
+    return dataclasses.replace(problem, train=Subset(problem.train, keep.tolist()),
+                               train_text=None)
 
 
 def top_eigenvalue(matvec: Callable[[Tensor], Tensor], size: int, iterations: int,

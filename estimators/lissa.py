@@ -29,7 +29,12 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from estimators.base import EXACT_GRADIENTS, GradientEstimator
-from estimators.curvature_products import full_products, summed_products, top_eigenvalue
+from estimators.curvature_products import (
+    curvature_sample,
+    full_products,
+    summed_products,
+    top_eigenvalue,
+)
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.options import CURVATURES, bounded, choice, number, positive
 from estimators.problem import AttributionProblem, eval_mode, move_to
@@ -43,11 +48,15 @@ class LiSSA(GradientEstimator):
         damping: λ added to the curvature (on top of the task's λ₂).
         scale: s, or None to use ``scale_margin`` × the largest eigenvalue of H + λI.
         scale_margin: safety factor over the estimated largest eigenvalue.
-        power_iterations: power-iteration steps of that estimate (full-data products).
+        power_iterations: power-iteration steps of that estimate (products over the whole
+            curvature sample).
         depth: recursion steps.
         batch_size: training examples per mini-batch curvature product.
         repeat: independent recursions averaged.
-        seed: seeds the mini-batch sampling and the power iteration.
+        sample: estimate the curvature on a fixed random sample of this many training
+            examples (the mini-batches are drawn from it, the power iteration runs on it);
+            None: the whole training set.
+        seed: seeds the mini-batch sampling, the curvature sample and the power iteration.
         **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
             :class:`~estimators.base.GradientEstimator`).
     """
@@ -56,6 +65,7 @@ class LiSSA(GradientEstimator):
 
     def __init__(self, hvp: str = "ggn", damping: float = 1e-3, scale: float | None = None,
                  scale_margin: float = 1.2, power_iterations: int = 20, depth: int = 2000,
+                 sample: int | None = None,
                  batch_size: int = 128, repeat: int = 1, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.hvp = choice("hvp", hvp, CURVATURES)
@@ -66,6 +76,7 @@ class LiSSA(GradientEstimator):
         self.depth = positive("depth", depth, integer=True)
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.repeat = positive("repeat", repeat, integer=True)
+        self.sample = positive("sample", sample, integer=True, allow_none=True)
         self.seed = number("seed", seed, integer=True)
         self.scale_used: float | None = None
         self.diagnostics: dict[str, float] = {}
@@ -76,7 +87,8 @@ class LiSSA(GradientEstimator):
             self.scale_used = self.scale
             return
         engine = self.engine(problem)
-        full = full_products(problem, engine, self.hvp, self.chunk_size)
+        full = full_products(curvature_sample(problem, self.sample, self.seed), engine,
+                             self.hvp, self.chunk_size)
         generator = torch.Generator().manual_seed(self.seed)
         with eval_mode(problem.model):
             top = top_eigenvalue(full, engine.num_params, self.power_iterations, generator)
@@ -106,7 +118,8 @@ class LiSSA(GradientEstimator):
         s = self.scale_used
         products = summed_products(problem, engine, self.hvp)
         generator = torch.Generator().manual_seed(self.seed)
-        sampler = _MiniBatches(problem, self.batch_size, generator)
+        sampler = _MiniBatches(curvature_sample(problem, self.sample, self.seed),
+                               self.batch_size, generator)
         window = max(1, math.ceil(self.depth / 10))
         v = vectors.detach()
         totals = {d: torch.zeros_like(v) for d in depths}

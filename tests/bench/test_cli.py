@@ -36,7 +36,7 @@ def test_records_of_a_run(make_cfg):
     assert "torch" in metrics["versions"]
     per_query = pd.read_csv(out / "per_query.csv")
     assert list(per_query.columns) == ["query", "lds", "loo_pearson", "loo_spearman",
-                                       "pbrf_pearson", "pbrf_spearman"]
+                                       "pbrf_pearson", "pbrf_spearman", "top1pct_share"]
     assert len(per_query) == 12
     assert per_query["lds"].mean() == pytest.approx(metrics["lds"])
     assert torch.load(out / "scores.pt").shape == (12, 120)

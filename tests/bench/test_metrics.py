@@ -62,3 +62,13 @@ def test_evaluate_reports_every_available_metric():
     assert set(per_query) == {"lds", "loo_pearson", "loo_spearman"}
     assert all(v.shape == (3,) for v in per_query.values())
     assert metrics["lds"] == pytest.approx(np.nanmean(per_query["lds"]))
+
+
+def test_top_share_of_a_point_mass_is_one_and_of_a_flat_row_its_fraction():
+    from bench.metrics.sparsity import top_share
+
+    scores = torch.zeros(3, 200)
+    scores[0, 5] = -2.0  # one example carries everything (sign does not matter)
+    scores[1] = 1.0  # flat: the top 1 % (2 of 200) carry 1 %
+    assert top_share(scores).tolist()[:2] == pytest.approx([1.0, 0.01])
+    assert math.isnan(top_share(scores)[2])  # all zero: undefined
