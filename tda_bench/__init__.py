@@ -2,6 +2,7 @@
 and metrics (docs/library.md).
 
     problem = tda_bench.classification_problem(model, (x, y), (x_q, y_q), l2=1e-3)
+    # or regression_problem(...), causal_lm_problem(model, tokenizer, docs, queries)
     est = tda_bench.estimator("ekfac")            # conf/estimator/ekfac.yaml's defaults
     est.fit(problem)
     scores = est.score(problem)                   # [n_queries, n_train], positive = proponent
@@ -34,7 +35,7 @@ from tda_bench.estimator_group import (
     estimator_config,
     estimator_names,
 )
-from tda_bench.problems import causal_lm_problem, classification_problem
+from tda_bench.problems import causal_lm_problem, classification_problem, regression_problem
 
 
 @functools.cache
@@ -57,4 +58,4 @@ def __dir__() -> list[str]:
 __all__ = ["AttributionProblem", "Checkpoint", "Estimator", "GradientEstimator", "TailPatch",
            "causal_lm_problem", "classification_problem", "cross_entropy_sum", "estimator",
            "estimator_class", "estimator_config", "estimator_names", "eval_mode",
-           "ground_truth", "metrics", "sample_categorical"]
+           "ground_truth", "metrics", "regression_problem", "sample_categorical"]

@@ -101,11 +101,18 @@ def test_classification_problem_refuses_what_it_cannot_use():
     with pytest.raises(ValueError, match=r"^l2 must be >= 0"):
         tda_bench.classification_problem(model, (x, y), (x, y), l2=-1)
     with pytest.raises(ValueError, match=r"^queries must pair x \[N, \.\.\.\] with integer "):
-        tda_bench.classification_problem(model, (x, y), (x, y.float()), l2=0.0)
-    with pytest.raises(ValueError, match=r"^train must be a Dataset of \(x, y\) pairs"):
-        tda_bench.classification_problem(model, x, (x, y), l2=0.0)
-    problem = tda_bench.classification_problem(model.double(), (x, y), (x, y), l2=0.0)
+        tda_bench.classification_problem(model, (x, y), (x, y + 0.5), l2=0.0)
+    with pytest.raises(ValueError, match=r"^measure must be one of loss, prediction"):
+        tda_bench.regression_problem(model, (x, y.double()), (x, y.double()), l2=0.0,
+                                     measure="mse")
+    with pytest.raises(ValueError, match=r"^train must be a dataset of \(x, y\) pairs"):
+        tda_bench.classification_problem(model, 3, (x, y), l2=0.0)
+    pairs = tda_bench.classification_problem(model, list(zip(x, y, strict=True)),
+                                             (x.numpy(), y.numpy()), l2=0.0)
+    assert pairs.n_train == 6 and isinstance(pairs.queries[0][0], torch.Tensor)
+    problem = tda_bench.classification_problem(model.double(), (x, y.float()), (x, y), l2=0.0)
     assert problem.train[0][0].dtype == torch.float64  # x follows the model's dtype
+    assert problem.train[0][1].dtype == torch.long  # integral float labels are classes
 
 
 def test_causal_lm_problem_is_the_hf_lm_problem(tmp_path):
@@ -179,3 +186,25 @@ def test_metrics_are_the_harness_metrics():
     flipped = torch.zeros(20, dtype=torch.bool)
     flipped[:5] = True
     assert tda_bench.metrics.mislabel(-torch.arange(20.0), flipped)["mislabel_auc"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["one_logit", "regression"])
+def test_the_true_fisher_samplers_match_their_losses(kind):
+    """Targets drawn by ``sample_targets`` make the Fisher the loss's curvature (the GGN):
+    E[(∂ℓ/∂o)²] = ∂²ℓ/∂o² for a one-logit classifier and for the squared error."""
+    model = torch.nn.Linear(2, 1, dtype=torch.float64)
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([1, 0]) if kind == "one_logit" else torch.tensor([0.5, -1.0],
+                                                                      dtype=torch.float64)
+    make = (tda_bench.classification_problem if kind == "one_logit"
+            else tda_bench.regression_problem)
+    problem = make(model, (x, y), (x, y), l2=0.0)
+    batch = (x.repeat(20_000, 1), y.repeat(20_000))
+    out = model(batch[0]).detach().requires_grad_(True)
+    sampled = problem.sample_targets(out, batch, torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(problem.loss(out, sampled).sum(), out)
+    fisher = grad.pow(2).view(20_000, 2).mean(0)
+    o = out.detach()[:2, 0]
+    curvature = (torch.sigmoid(o) * torch.sigmoid(-o) if kind == "one_logit"
+                 else torch.full((2,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(fisher, curvature, rtol=0.05, atol=0)
