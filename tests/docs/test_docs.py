@@ -187,7 +187,8 @@ def python_blocks_of(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
 
 
-def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_path):
+def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_path,
+                                                                         monkeypatch):
     """docs/extending.md's DiagFisher, its module on PYTHONPATH and its YAML on Hydra's search
     path: a run and a score matrix, no file of the repository edited."""
     import json
@@ -212,3 +213,8 @@ def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["estimator"] == "diag_fisher" and -1.0 <= record["lds"] <= 1.0
+    import tda_bench  # ... and from Python, by its name on the search path
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    estimator = tda_bench.estimator("diag_fisher", searchpath=[str(tmp_path / "conf")])
+    assert type(estimator).__name__ == "DiagFisher"
