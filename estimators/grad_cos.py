@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import GradientEstimator
-from estimators.gradients import GradientEngine, LayerGrads, scale, squared_norm
+from estimators.gradients import GradientEngine, LayerGrads, scale, score_dtype, squared_norm
 from estimators.problem import AttributionProblem
 
 
@@ -33,4 +33,4 @@ class GradCos(GradientEstimator):
 
     def self_influence(self, problem: AttributionProblem) -> Tensor:
         """``[n_train]`` ones: the cosine of a gradient with itself (no mislabel signal)."""
-        return torch.ones(problem.n_train)
+        return torch.ones(problem.n_train, dtype=score_dtype(problem.model))

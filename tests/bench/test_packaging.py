@@ -24,7 +24,9 @@ def test_plain_install_finds_its_config(tmp_path):
     zipfile.ZipFile(wheel).extractall(target)
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = ("from bench.cli import CONF_DIR; from pathlib import Path; "
-             "print(CONF_DIR); assert (Path(CONF_DIR) / 'config.yaml').exists()")
+             "print(CONF_DIR); assert (Path(CONF_DIR) / 'config.yaml').exists(); "
+             "import tda_bench; assert tda_bench.__file__.startswith(str(Path(CONF_DIR).parent)); "
+             "assert type(tda_bench.estimator('grad_dot')).__name__ == 'GradDot'")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

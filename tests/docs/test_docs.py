@@ -52,16 +52,68 @@ def test_quick_start_commands_are_present():
     assert text.index("pip install torch==") < text.index("pip install -e . && tda-bench")
 
 
+def notebook_sections(path: Path) -> dict[str, list[tuple[str, str | None]]]:
+    """Each ``## `` section of a page with python code: its python cells in order, each
+    with the text block that directly follows it (its printed output), or None."""
+    out = {}
+    for section in re.split(r"^## ", path.read_text(), flags=re.M)[1:]:
+        title = section.splitlines()[0]
+        fences = list(re.finditer(r"^```(\w*)\n(.*?)^```\n?", section, re.S | re.M))
+        cells = []
+        for i, fence in enumerate(fences):
+            if fence.group(1) != "python":
+                continue
+            nxt = fences[i + 1] if i + 1 < len(fences) else None
+            follows = (nxt is not None and nxt.group(1) == "text"
+                       and not section[fence.end():nxt.start()].strip())
+            cells.append((fence.group(2), nxt.group(2) if follows else None))
+        if cells:
+            out[title] = cells
+    return out
+
+
+NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def same_output(printed: str, shown: str) -> bool:
+    """Whether ``printed`` is the output ``shown`` on the page: the same text, and every
+    decimal number within one unit of its last shown digit (BLAS rounding differs between
+    machines)."""
+    if NUMBER.sub("#", printed.strip()) != NUMBER.sub("#", shown.strip()):
+        return False
+    return all(abs(float(a) - float(b)) <= 1.01 * 10.0 ** -len(b.split(".")[1])
+               for a, b in zip(NUMBER.findall(printed), NUMBER.findall(shown), strict=True))
+
+
 def test_library_examples_run():
-    blocks = python_blocks(LIBRARY)
-    assert blocks, "docs/library.md has no python example"
-    shapes = []
-    for i, code in enumerate(blocks):
-        assert "assert scores.shape ==" in code, f"example {i} must assert its score shape"
-        namespace: dict = {}
-        exec(compile(code, f"docs/library.md[{i}]", "exec"), namespace)
-        shapes.append(tuple(namespace["scores"].shape))
-    assert shapes[0] == (4, 200)
+    """docs/library.md as one notebook: its cells run top to bottom in one namespace, every
+    shown output is what the cell before it prints, each section asserts its score shape,
+    and only the public API (``tda_bench``, a task) is imported."""
+    import contextlib
+    import io
+
+    import torch
+
+    sections = notebook_sections(LIBRARY)
+    assert "Your model, end to end" in sections, "docs/library.md lost its main example"
+    text = LIBRARY.read_text()
+    assert not re.search(r"^\s*(from|import) (estimators|bench)\b", text, re.M), \
+        "docs/library.md must use the public API (tda_bench), not estimators/bench"
+    namespace: dict = {}
+    previous = torch.get_default_dtype()
+    try:
+        for title, cells in sections.items():
+            assert any("assert scores.shape ==" in code for code, _ in cells), \
+                f"docs/library.md section {title!r} must assert its score shape"
+            for i, (code, expected) in enumerate(cells):
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(code, f"docs/library.md[{title}][{i}]", "exec"), namespace)
+                if expected is not None:
+                    assert same_output(printed.getvalue(), expected), \
+                        (title, i, printed.getvalue())
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
@@ -135,7 +187,8 @@ def python_blocks_of(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
 
 
-def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_path):
+def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_path,
+                                                                         monkeypatch):
     """docs/extending.md's DiagFisher, its module on PYTHONPATH and its YAML on Hydra's search
     path: a run and a score matrix, no file of the repository edited."""
     import json
@@ -160,3 +213,8 @@ def test_the_extending_estimator_example_runs_from_outside_the_repository(tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["estimator"] == "diag_fisher" and -1.0 <= record["lds"] <= 1.0
+    import tda_bench  # ... and from Python, by its name on the search path
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    estimator = tda_bench.estimator("diag_fisher", searchpath=[str(tmp_path / "conf")])
+    assert type(estimator).__name__ == "DiagFisher"

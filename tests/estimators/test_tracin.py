@@ -84,8 +84,9 @@ def test_grad_dot_self_influence_is_squared_norm(mlp_with_checkpoints):
 
 def test_grad_cos_self_influence_is_one(mlp_with_checkpoints):
     problem, _ = mlp_with_checkpoints
-    assert torch.allclose(GradCos().self_influence(problem), torch.ones(problem.n_train),
-                          atol=1e-5)
+    values = GradCos().self_influence(problem)
+    assert values.dtype == torch.float64  # the model's dtype
+    assert torch.allclose(values, torch.ones(problem.n_train, dtype=torch.float64), atol=1e-5)
 
 
 # Random projection --------------------------------------------------------------------
