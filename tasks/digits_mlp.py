@@ -35,4 +35,4 @@ class DigitsMLP(DigitsTask):
                 if i:
                     layers.append(nn.ReLU())
                 layers.append(nn.Linear(d_in, d_out))
-        return nn.Sequential(*layers)
+        return nn.Sequential(*layers).to(self.dtype)  # the data's dtype, whatever the default
