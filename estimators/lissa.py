@@ -31,7 +31,7 @@ from torch.utils.data import default_collate
 from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.curvature_products import full_products, summed_products, top_eigenvalue
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.options import CURVATURES, bounded, choice, number, positive
+from estimators.options import CURVATURES, bounded, choice, natural, positive
 from estimators.problem import AttributionProblem, eval_mode, move_to
 
 
@@ -66,7 +66,7 @@ class LiSSA(GradientEstimator):
         self.depth = positive("depth", depth, integer=True)
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.repeat = positive("repeat", repeat, integer=True)
-        self.seed = number("seed", seed, integer=True)
+        self.seed = natural("seed", seed)
         self.scale_used: float | None = None
         self.diagnostics: dict[str, float] = {}
 
