@@ -148,7 +148,7 @@ def expected_write_bytes(task: Any, seed: int, n_scores: int, model_cached: bool
     model_bytes = 0
     if not model_cached:
         try:
-            with torch.device("meta"):
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
                 model = task.build_model(seed)
             model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         except Exception:  # noqa: BLE001 - an estimate; the writers still report a full disk

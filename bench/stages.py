@@ -82,18 +82,18 @@ def resolve(cfg: DictConfig) -> Job:
                          "`skip` to run it)")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
+    torch.manual_seed(cfg.seed)
     options = ground_truth_options(cfg.ground_truth)
     task: Task = build(cfg.task, "task", cfg.task_name, device=cfg.device)
     kinds = configured_kinds(cfg, task)
     estimator = build(cfg.estimator, "estimator", cfg.estimator_name)
     check_text(task, estimator, cfg.estimator_name)
-    logger = build(cfg.logger, "logger", cfg.get("logger_name") or "logger")
+    logger = build(cfg.logger, "logger", _choice("logger"))
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     cached = (cache_dir / "models" / cfg.task_name / f"{model_key(task, cfg)}.pt").exists()
     needed = expected_write_bytes(task, int(cfg.seed), _score_count(task), cached)
     check_cache_dir(cache_dir, needed)
     sweep_stale_temp_files(cache_dir, recursive=True)
-    torch.manual_seed(cfg.seed)
     ctx = TruthContext(task, cfg.task_name, task_config(cfg), cache_dir, options,
                        ground_truth_overrides(cfg), seed=int(cfg.seed))
     return Job(cfg, task, estimator, kinds, ctx, plugins, logger=logger)
@@ -107,6 +107,14 @@ def check_text(task: Task, estimator: Estimator, name: str) -> None:
         raise ValueError(f"{who} needs the text of training examples and queries, but "
                          f"{type(task).__name__} has none; use a text task (e.g. task=facts or "
                          "task=hf_lm).")
+
+
+def _choice(group: str) -> str:
+    """The config chosen for ``group`` (``wandb``), for messages."""
+    try:
+        return str(HydraConfig.get().runtime.choices.get(group) or group)
+    except ValueError:
+        return group
 
 
 def _score_count(task: Task) -> int:
