@@ -5,14 +5,16 @@
 
 The run is a sequence of named stages (:mod:`bench.stages`). ``stage=ground_truth`` computes
 one ground-truth shard and stops (for fan-out as jobs); ``stage=all`` (default) runs the whole
-benchmark. User errors end in one sentence and exit 2.
+benchmark. Every user error — a bad value, file or path, a mistyped key, an unknown config,
+a missing extra, a full disk, out of memory — ends in one sentence and exit 2, whether Hydra
+meets it while composing or the run while resolving (:mod:`bench.errors`); in a sweep, the
+job writes ``error.json`` and the sweep goes on. Programming errors keep their traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import traceback
 from importlib import resources
@@ -26,14 +28,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import stages
-from bench.ground_truth import GroundTruthMissing
+from bench.errors import boundary, debugging, report, user_message
 from bench.metrics import is_printed
 from bench.record import provenance, write_layer_scores, write_records
+from estimators.atomic import write_text
 
 log = logging.getLogger("tda-bench")
 
 CONF_DIR = str(resources.files("conf"))
-USER_ERRORS = (ValueError, GroundTruthMissing, FloatingPointError, FileNotFoundError)
+PROG = "tda-bench"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +64,7 @@ def record(job: stages.Job) -> dict[str, Any]:
     write_records(out_dir, result, job.per_query, job.scores if cfg.save_scores else None)
     if cfg.save_scores and getattr(job.estimator, "layer_scores", None) is not None:
         write_layer_scores(out_dir, job.estimator, job.problem)
-    logger = instantiate(cfg.logger)
+    logger = job.logger if job.logger is not None else instantiate(cfg.logger)
     logger.log_run(name=job.name, group=cfg.experiment_name or cfg.task_name,
                    job_type=cfg.estimator_name, config=OmegaConf.to_container(cfg, resolve=True),
                    metrics=job.metrics, out_dir=out_dir, scores=job.scores,
@@ -89,35 +92,52 @@ def print_table(record: dict[str, Any], out_dir: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
+def main() -> None:
+    """Entry point of the ``tda-bench`` console script: Hydra inside the error boundary, so
+    an error met while composing the config (an unknown group value, a mistyped key) is one
+    sentence and exit 2 like one met by the run."""
+    with boundary(PROG):
+        job()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Entry point of the ``tda-bench`` console script."""
+def job(cfg: DictConfig) -> None:
+    """One job: :func:`run` with its user errors reported (in a sweep, also recorded)."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("TDA_BENCH_DEBUG"):
+    except Exception as err:
+        message = None if debugging() else user_message(err)
+        if message is None:
+            if multirun:  # a bug: leave a trace the leaderboard's "Not run" shows, then fail
+                log.exception("job failed")
+                write_error(cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
             raise
-        log.error("%s", err)
-        print(f"tda-bench: error: {err}", file=sys.stderr)
+        log.error("%s", message)
+        report(PROG, message)
         if multirun:  # one job of a sweep (e.g. bm25 on a task without text): record why, go on
-            write_error(cfg, str(err))
+            write_error(cfg, message)
             return
         sys.exit(2)
-    except Exception as err:
-        if multirun:  # a bug: leave a trace the leaderboard's "Not run" shows, then fail as usual
-            log.exception("job failed")
-            write_error(cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
-        raise
 
 
 def write_error(cfg: DictConfig, error: str, trace: str | None = None) -> None:
-    """``error.json`` in the job's folder: what failed and why (and the traceback of a bug)."""
+    """``error.json`` in the job's folder (written atomically): what failed and why (and the
+    traceback of a bug)."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"task": cfg.task_name, "estimator": cfg.estimator_name, "seed": cfg.seed,
-               "error": error, **({"traceback": trace} if trace else {})}
-    (out_dir / "error.json").write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {"task": _plain(cfg, "task_name"), "estimator": _plain(cfg, "estimator_name"),
+               "seed": _plain(cfg, "seed"), "error": error,
+               **({"traceback": trace} if trace else {})}
+    write_text(out_dir / "error.json", json.dumps(payload, indent=2) + "\n")
 
 
-__all__ = ["CONF_DIR", "main", "run", "write_error"]
+def _plain(cfg: DictConfig, key: str) -> Any:
+    """A config value for a record, or its text where it does not resolve or is not JSON."""
+    try:
+        value = cfg[key]
+    except Exception:  # noqa: BLE001 - a broken value must not hide the error being recorded
+        return None
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+__all__ = ["CONF_DIR", "job", "main", "run", "write_error"]

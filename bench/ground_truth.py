@@ -7,8 +7,10 @@ takes units ``s, s+S, s+2S, ...`` and is written atomically as its own file, so 
 run as separate jobs (SLURM arrays). A shard is computed under a lock, so two jobs never
 compute the same shard at once; a job killed mid-shard leaves no shard file, and the bytes of
 a shard file depend only on its content, so a rerun after a crash reproduces the cache of an
-uninterrupted run byte for byte. Torch's thread count is fixed while computing so that every
-sharding gives the same numbers. A complete split of any shard count is reused.
+uninterrupted run byte for byte. Each shard file is verified on load: its key, its slot (the
+units it holds, so a shard copied over another's name is refused) and the checksum of its
+tensors; a file that fails is recomputed. Torch's thread count is fixed while computing so
+that every sharding gives the same numbers. A complete split of any shard count is reused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench.cache import (
     save_atomic,
     sweep_stale_temp_files,
 )
+from estimators.options import OptionError, arguments_of, choice, flag, natural, positive
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,17 @@ class GroundTruthOptions:
     vectorise: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.shard < self.num_shards:
-            raise ValueError(f"ground_truth.shard must be in [0, {self.num_shards}), got "
-                             f"{self.shard}")
-        if self.on_missing not in ("compute", "error"):
-            raise ValueError(f"ground_truth.on_missing must be 'compute' or 'error', got "
-                             f"{self.on_missing!r}")
+        with arguments_of(type(self).__name__, "ground_truth"):
+            object.__setattr__(self, "num_shards", positive("num_shards", self.num_shards,
+                                                            integer=True))
+            object.__setattr__(self, "shard", natural("shard", self.shard))
+            if self.shard >= self.num_shards:
+                raise OptionError(f"{{shard}} must be in [0, {self.num_shards}) for "
+                                  f"{{num_shards}}={self.num_shards}, got {self.shard}")
+            object.__setattr__(self, "num_threads", positive("num_threads", self.num_threads,
+                                                             integer=True))
+            choice("on_missing", self.on_missing, ("compute", "error"))
+            flag("vectorise", self.vectorise)
 
 
 class GroundTruthMissing(RuntimeError):
@@ -84,6 +92,15 @@ class Plan:
 
     def shard_path(self, cache_dir: Path, shard: int, num_shards: int) -> Path:
         return self.directory(cache_dir) / f"shard-{shard:04d}-of-{num_shards:04d}.pt"
+
+    def slot(self, shard: int, num_shards: int) -> list[int]:
+        """The units shard ``shard`` of ``num_shards`` holds: its file's verified slot."""
+        return list(self.units[shard::num_shards])
+
+    def load(self, cache_dir: Path, shard: int, num_shards: int) -> dict | None:
+        """The verified payload of a shard (key, slot and checksum checked), or None."""
+        return load_checked(self.shard_path(cache_dir, shard, num_shards), self.key,
+                            self.slot(shard, num_shards))
 
 
 # The work of a shard: its units -> the payload's tensors (``values [U, ...]`` and any other),
@@ -110,27 +127,28 @@ def compute_shard(work: Work, plan: Plan, cache_dir: Path, shard: int, num_shard
     """
     path = plan.shard_path(cache_dir, shard, num_shards)
     sweep_stale_temp_files(path.parent)
-    if load_checked(path, plan.key) is not None:
+    if plan.load(cache_dir, shard, num_shards) is not None:
         return path
     with cache_lock(path, blocking=False) as locked:
         if locked:
-            return _compute_locked(work, plan, path, shard, num_shards, num_threads)
+            return _compute_locked(work, plan, cache_dir, shard, num_shards, num_threads)
     if not wait:
         return None
     log.info("Waiting for %s shard %d/%d: another job is computing it (lock %s)", plan.kind,
              shard + 1, num_shards, lock_path(path))
     with cache_lock(path):
-        return _compute_locked(work, plan, path, shard, num_shards, num_threads)
+        return _compute_locked(work, plan, cache_dir, shard, num_shards, num_threads)
 
 
-def _compute_locked(work: Work, plan: Plan, path: Path, shard: int, num_shards: int,
+def _compute_locked(work: Work, plan: Plan, cache_dir: Path, shard: int, num_shards: int,
                     num_threads: int) -> Path:
     """Computes and writes a shard; the caller holds its lock."""
-    if load_checked(path, plan.key) is not None:  # written while we waited for the lock
+    path = plan.shard_path(cache_dir, shard, num_shards)
+    if plan.load(cache_dir, shard, num_shards) is not None:  # written while we waited
         log.info("%s shard %d/%d was computed by another job: %s", plan.kind, shard + 1,
                  num_shards, path)
         return path
-    units = plan.units[shard::num_shards]
+    units = plan.slot(shard, num_shards)
     log.info("Computing %s shard %d/%d (%d units) into %s", plan.kind, shard + 1, num_shards,
              len(units), path)
     previous_threads = torch.get_num_threads()
@@ -140,20 +158,18 @@ def _compute_locked(work: Work, plan: Plan, path: Path, shard: int, num_shards: 
     finally:
         torch.set_num_threads(previous_threads)
     save_atomic({"key": plan.key, "units": torch.tensor(units, dtype=torch.long), **computed},
-                path)
+                path, slot=units)
     return path
 
 
 def missing_shards(plan: Plan, cache_dir: Path, num_shards: int) -> list[int]:
     """Shards of a ``num_shards`` split that have no valid file yet."""
-    return [s for s in range(num_shards)
-            if load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key) is None]
+    return [s for s in range(num_shards) if plan.load(cache_dir, s, num_shards) is None]
 
 
 def join(plan: Plan, cache_dir: Path, num_shards: int) -> Shards:
     """Joins the shards of a complete ``num_shards`` split (values in unit order)."""
-    payloads = [load_checked(plan.shard_path(cache_dir, s, num_shards), plan.key)
-                for s in range(num_shards)]
+    payloads = [plan.load(cache_dir, s, num_shards) for s in range(num_shards)]
     if any(p is None for p in payloads):
         raise GroundTruthMissing(f"{plan.kind} ground truth is incomplete")
     units = torch.cat([p["units"] for p in payloads])

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from bench.metrics import higher_is_better, spec_for
+from estimators.atomic import payload_bytes, write_bytes
+from estimators.options import bounded, choice, flag, names_arguments, natural
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +67,14 @@ class WandbLogger:
     def __init__(self, project: str = "tda-bench", entity: str | None = None,
                  mode: str = "offline", tags: list[str] | None = None, top_k: int = 10,
                  plots: bool = True, log_scores: bool = False, max_score_mb: float = 64.0):
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.mode must be offline, online or disabled, got {mode!r}")
-        if top_k < 0 or max_score_mb < 0:
-            raise ValueError(f"logger.top_k and logger.max_score_mb must be >= 0, got {top_k} "
-                             f"and {max_score_mb}")
+        self.mode = choice("mode", mode, ("offline", "online", "disabled"))
+        self.top_k = natural("top_k", top_k)
+        self.max_score_mb = bounded("max_score_mb", max_score_mb, 0)
+        self.plots = flag("plots", plots)
+        self.log_scores = flag("log_scores", log_scores)
         self.project = project
         self.entity = entity
-        self.mode = mode
         self.tags = list(tags or [])
-        self.top_k = int(top_k)
-        self.plots = bool(plots)
-        self.log_scores = bool(log_scores)
-        self.max_score_mb = float(max_score_mb)
 
     def log_run(self, *, name: str, group: str, job_type: str, config: dict[str, Any],
                 metrics: dict[str, Any], out_dir: Path, scores: Tensor | None = None,
@@ -131,11 +128,14 @@ class WandbLogger:
             return
         path = out_dir / "scores.pt"
         if not path.exists():
-            torch.save(scores.float(), path)
+            write_bytes(path, payload_bytes(scores.float()))
         artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"scores-{name}"),
                                   type="scores", metadata={"shape": list(scores.shape)})
         artifact.add_file(str(path))
         run.log_artifact(artifact)
+
+
+names_arguments(WandbLogger, "logger")  # a bad value names logger.<key>
 
 
 def metric_rows(summary: dict[str, Any]) -> list[list[Any]]:

@@ -45,14 +45,16 @@ def trained_model(task: Task, cfg: DictConfig, cache_dir: Path,
     key = model_key(task, cfg, seed)
     path = Path(cache_dir) / "models" / cfg.task_name / f"{key}.pt"
     model = task.build_model(seed)
-    payload = load_checked(path, key)
+    slot = {"seed": seed}  # what the file holds (its key hashes the rest)
+    payload = load_checked(path, key, slot)
     if payload is None:
         with cache_lock(path):
-            payload = load_checked(path, key)
+            payload = load_checked(path, key, slot)
             if payload is None:
                 log.info("Training %s (seed %d)", cfg.task_name, seed)
                 checkpoints = task.fit(model, seed=seed, progress=cfg.progress)
-                save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path)
+                save_atomic({"key": key, "checkpoints": [vars(c) for c in checkpoints]}, path,
+                            slot)
     if payload is not None:
         log.info("Loaded trained %s (seed %d) from %s", cfg.task_name, seed, path)
         checkpoints = [Checkpoint(**c) for c in payload["checkpoints"]]

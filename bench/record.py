@@ -3,7 +3,9 @@
 ``metrics.json`` holds the metrics under stable keys (``lds``, ``lds_sem``, ``loo_pearson``,
 ``loo_spearman``, ``fit_seconds``, ``score_seconds``, ``peak_rss_mb``, ...), the run's
 identity (``task``, ``estimator``, ``seed``) and its provenance (command, date, package
-versions, commit), so that a leaderboard row can say exactly where it came from.
+versions, commit), so that a leaderboard row can say exactly where it came from. Every record
+file is written atomically (:mod:`estimators.atomic`: a temp file, fsynced, renamed into
+place), so a job killed while recording leaves the previous file or none, never half of one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from estimators.atomic import payload_bytes, write_bytes, write_text
 
 PACKAGES = ("tda-bench", "torch", "lightning", "hydra-core", "transformers", "wandb", "scipy",
             "numpy", "pandas", "scikit-learn", "bm25s")
@@ -90,17 +94,17 @@ def _clean(value: Any) -> Any:
 
 def write_records(out_dir: Path, record: dict[str, Any], per_query: dict[str, np.ndarray],
                   scores: torch.Tensor | None) -> None:
-    """Writes ``metrics.json``, ``per_query.csv`` (one row per query) and ``scores.pt``."""
+    """Writes ``scores.pt``, ``per_query.csv`` (one row per query) and, last, ``metrics.json``
+    (the file the leaderboard looks for), each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump({k: _clean(v) for k, v in record.items()}, f, indent=2, sort_keys=True)
-        f.write("\n")
+    if scores is not None:
+        write_bytes(out_dir / "scores.pt", payload_bytes(scores))
     if per_query:
         frame = pd.DataFrame(per_query)
         frame.insert(0, "query", np.arange(len(frame)))
-        frame.to_csv(out_dir / "per_query.csv", index=False)
-    if scores is not None:
-        torch.save(scores, out_dir / "scores.pt")
+        write_text(out_dir / "per_query.csv", frame.to_csv(index=False))
+    text = json.dumps({k: _clean(v) for k, v in record.items()}, indent=2, sort_keys=True)
+    write_text(out_dir / "metrics.json", text + "\n")
 
 
 def write_layer_scores(out_dir: Path, estimator: Any, problem: Any) -> None:
@@ -120,8 +124,8 @@ def write_layer_scores(out_dir: Path, estimator: Any, problem: Any) -> None:
     if len(names) != layer_scores.shape[0]:
         names = [f"layer{i}" for i in range(layer_scores.shape[0])]
     types = problem.query_group_of() if problem.query_groups else None
-    torch.save({"layer_scores": layer_scores, "layers": list(names), "query_types": types},
-               out_dir / "layer_scores.pt")
+    write_bytes(out_dir / "layer_scores.pt", payload_bytes(
+        {"layer_scores": layer_scores, "layers": list(names), "query_types": types}))
 
 
 ARCHIVED = ("metrics.json", "per_query.csv", "error.json")  # not scores.pt: large, rebuildable
@@ -148,12 +152,20 @@ def archive(directories: list[Path], dest: Path) -> int:
 def read_errors(directories: list[Path]) -> pd.DataFrame:
     """The jobs that left ``error.json`` instead of a record (refused or skipped pairs):
     columns ``task, estimator, seeds, error``, one row per distinct reason."""
-    rows = [json.loads(p.read_text()) for d in directories
-            for p in sorted(Path(d).rglob("error.json"))]
+    rows = []
+    for path in (p for d in directories for p in sorted(Path(d).rglob("error.json"))):
+        try:
+            row = json.loads(path.read_text())
+            if not isinstance(row, dict) or "error" not in row:
+                raise ValueError("not an error record")
+        except (OSError, ValueError) as err:
+            print(f"tda-bench-leaderboard: warning: skipping {path}: {err}", file=sys.stderr)
+            continue
+        rows.append(row)
     frame = pd.DataFrame(rows, columns=["task", "estimator", "seed", "error"])
     if frame.empty:
         return frame.rename(columns={"seed": "seeds"})
-    frame["error"] = frame["error"].str.replace(r"\s+", " ", regex=True)
+    frame["error"] = frame["error"].astype(str).str.replace(r"\s+", " ", regex=True)
     grouped = frame.groupby(["task", "estimator", "error"], sort=True)["seed"]
     return grouped.apply(lambda s: ",".join(map(str, sorted(set(s))))).reset_index().rename(
         columns={"seed": "seeds"})[["task", "estimator", "seeds", "error"]]

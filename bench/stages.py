@@ -3,11 +3,12 @@
     resolve ─► ground_truth("task") ─► model ─► ground_truth("model") ─► fit ─► score
             ─► evaluate (ground_truth("scores"), metrics) ─► record (files, logger)
 
-``resolve`` composes and validates everything before any work: plug-ins, the task, its
-ground-truth kinds and their settings, the estimator. ``stage=ground_truth`` runs only
-``resolve`` and one shard of every sharded kind (:func:`ground_truth_shards`), for fan-out as
-jobs. Data flows one way: the task builds the problem, the estimator scores it, the ground
-truths and metrics judge the scores.
+``resolve`` validates everything before any work (:mod:`bench.checks`): the top-level
+values, plug-ins, the task, its ground-truth kinds and their settings, the estimator, and a
+writable ``cache_dir`` with room for what the run writes; a bad value fails in seconds.
+``stage=ground_truth`` runs only ``resolve`` and one shard of every sharded kind
+(:func:`ground_truth_shards`), for fan-out as jobs. Data flows one way: the task builds the
+problem, the estimator scores it, the ground truths and metrics judge the scores.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from bench.ground_truth import GroundTruthOptions
+from bench.cache import sweep_stale_temp_files
+from bench.checks import (
+    build,
+    check_cache_dir,
+    check_run_settings,
+    expected_write_bytes,
+    ground_truth_options,
+)
 from bench.metrics import evaluate as compute_metrics
 from bench.models import model_key, task_config, trained_model
 from bench.plugins import load_plugins
@@ -37,7 +44,6 @@ from tasks.base import Task
 
 log = logging.getLogger("tda-bench")
 
-STAGES = ("all", "ground_truth")
 # Overrides a ground-truth job must repeat: they change the task or where the cache is.
 GROUND_TRUTH_PREFIXES = ("task.", "+task.", "++task.", "~task.", "experiment=", "hydra/launcher=",
                          "hydra.launcher.", "device=", "plugins=", "+plugins=")
@@ -53,6 +59,7 @@ class Job:
     kinds: dict[str, GroundTruth]
     ctx: TruthContext
     plugins: list[str] = field(default_factory=list)
+    logger: Any = None
     problem: AttributionProblem | None = None
     truths: dict[str, Any] = field(default_factory=dict)
     scores: Tensor | None = None
@@ -65,25 +72,58 @@ class Job:
 
 
 def resolve(cfg: DictConfig) -> Job:
-    """Loads plug-ins and instantiates and validates every part of the job; nothing is
-    trained or computed yet."""
+    """Validates the run's values, loads plug-ins and instantiates and validates every part
+    of the job, and checks the cache directory; nothing is trained or computed yet."""
+    check_run_settings(cfg)
     plugins = load_plugins(cfg.get("plugins") or [])
     pair = f"{cfg.task_name}/{cfg.estimator_name}"
     if pair in (cfg.get("skip") or {}):
         raise ValueError(f"{pair} is skipped by this sweep: {cfg.skip[pair]} (remove it from "
                          "`skip` to run it)")
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(cfg.seed)
-    options = GroundTruthOptions(**cfg.ground_truth)
-    task: Task = instantiate(cfg.task, device=cfg.device)
+    options = ground_truth_options(cfg.ground_truth)
+    task: Task = build(cfg.task, "task", cfg.task_name, device=cfg.device)
     kinds = configured_kinds(cfg, task)
-    estimator = instantiate(cfg.estimator)
-    ctx = TruthContext(task, cfg.task_name, task_config(cfg), Path(cfg.cache_dir), options,
+    estimator = build(cfg.estimator, "estimator", cfg.estimator_name)
+    check_text(task, estimator, cfg.estimator_name)
+    logger = build(cfg.logger, "logger", _choice("logger"))
+    cache_dir = Path(str(cfg.cache_dir)).expanduser()
+    cached = (cache_dir / "models" / cfg.task_name / f"{model_key(task, cfg)}.pt").exists()
+    needed = expected_write_bytes(task, int(cfg.seed), _score_count(task), cached)
+    check_cache_dir(cache_dir, needed)
+    sweep_stale_temp_files(cache_dir, recursive=True)
+    ctx = TruthContext(task, cfg.task_name, task_config(cfg), cache_dir, options,
                        ground_truth_overrides(cfg), seed=int(cfg.seed))
-    return Job(cfg, task, estimator, kinds, ctx, plugins)
+    return Job(cfg, task, estimator, kinds, ctx, plugins, logger=logger)
+
+
+def check_text(task: Task, estimator: Estimator, name: str) -> None:
+    """Refuses a lexical estimator (or lexical candidates) on a task known to have no text."""
+    candidates = getattr(estimator, "candidates", None)
+    if task.has_text is False and (getattr(estimator, "needs_text", False) or candidates):
+        who = f"candidates.retriever={candidates['retriever']}" if candidates else name
+        raise ValueError(f"{who} needs the text of training examples and queries, but "
+                         f"{type(task).__name__} has none; use a text task (e.g. task=facts or "
+                         "task=hf_lm).")
+
+
+def _choice(group: str) -> str:
+    """The config chosen for ``group`` (``wandb``), for messages."""
+    try:
+        return str(HydraConfig.get().runtime.choices.get(group) or group)
+    except ValueError:
+        return group
+
+
+def _score_count(task: Task) -> int:
+    """n_queries × n_train where the task knows both up front (else 0)."""
+    queries = getattr(task, "query_set", None) or getattr(task, "query_data", None)
+    try:
+        return len(queries) * task.n_train
+    except TypeError:
+        return 0
 
 
 def configured_kinds(cfg: DictConfig, task: Task) -> dict[str, GroundTruth]:
@@ -106,6 +146,9 @@ def configured_kinds(cfg: DictConfig, task: Task) -> dict[str, GroundTruth]:
         else:
             block = cfg.get(cls.config_key or name)
             settings = OmegaConf.to_container(block, resolve=True) if block is not None else {}
+            if not isinstance(settings, dict):
+                raise ValueError(f"{cls.config_key or name} must be a mapping of settings, got "
+                                 f"{settings!r}")
         kind = cls(**settings)
         kind.check(task)
         kinds[name] = kind

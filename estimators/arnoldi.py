@@ -24,7 +24,7 @@ from torch import Tensor
 from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.curvature_products import curvature_sample, full_products
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.options import CURVATURES, bounded, choice, number, positive
+from estimators.options import CURVATURES, OptionError, bounded, choice, natural, positive
 from estimators.problem import AttributionProblem, eval_mode
 
 BREAKDOWN = 1e-10  # a new Krylov direction shorter than this (relative) means an invariant space
@@ -57,13 +57,13 @@ class Arnoldi(GradientEstimator):
         self.rank = positive("rank", rank, integer=True)
         self.iterations = positive("iterations", iterations, integer=True)
         if self.rank > self.iterations:
-            raise ValueError(f"rank ({rank}) cannot exceed iterations ({iterations}): Arnoldi "
-                             "finds at most one eigenpair per iteration.")
+            raise OptionError(f"{{rank}} ({rank}) cannot exceed {{iterations}} ({iterations}): "
+                              "Arnoldi finds at most one eigenpair per iteration.")
         self.curvature = choice("curvature", curvature, CURVATURES)
         self.damping = bounded("damping", damping, 0)
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.sample = positive("sample", sample, integer=True, allow_none=True)
-        self.seed = number("seed", seed, integer=True)
+        self.seed = natural("seed", seed)
         self.eigenvalues: Tensor | None = None  # [k] float64, descending
         self.eigenvectors: Tensor | None = None  # [k, P] float64, orthonormal rows
         self.diagnostics: dict[str, float] = {}
@@ -84,10 +84,10 @@ class Arnoldi(GradientEstimator):
         order = torch.argsort(values, descending=True)[: min(self.rank, n)]
         values = values[order]
         if values[-1] <= 0:
-            raise ValueError(
+            advice = "" if self.curvature == "ggn" else ", or use {curvature=ggn}, which is PSD"
+            raise OptionError(
                 f"The top-{len(values)} Ritz values of the damped {self.curvature} include "
-                f"{values[-1].item():.3g} <= 0: lower estimator.rank, raise estimator.damping, or "
-                "use curvature=ggn, which is PSD."
+                f"{values[-1].item():.3g} <= 0: lower {{rank}} or raise {{damping}}{advice}."
             )
         ritz = (basis.T @ vectors[:, order]).T  # [k, P]
         self.eigenvectors = ritz / ritz.norm(dim=1, keepdim=True)

@@ -31,7 +31,14 @@ from torch import Tensor
 from estimators import candidates as lexical
 from estimators.gradients import GradientEngine, LayerGrads, dot, score_dtype
 from estimators.index import GradientIndex, fingerprint, read_rows
-from estimators.options import GradientOptions, Option, ProjectionOptions, positive
+from estimators.options import (
+    GradientOptions,
+    Option,
+    OptionError,
+    ProjectionOptions,
+    names_arguments,
+    positive,
+)
 from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import Projector
 
@@ -43,8 +50,14 @@ class Estimator(ABC):
 
     Subclasses validate their arguments in ``__init__`` (plain, Hydra-friendly types, checked
     with :mod:`estimators.options`) and keep expensive state built by :meth:`fit` for any
-    number of :meth:`score` calls.
+    number of :meth:`score` calls. An :class:`~estimators.options.OptionError` leaving
+    ``__init__``, ``fit``, ``score`` or ``self_influence`` names the estimator's class (and
+    ``estimator.<key>`` on the command line).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names_arguments(cls, "estimator", ("__init__", "fit", "score", "self_influence"))
 
     def fit(self, problem: AttributionProblem) -> None:  # noqa: B027 - optional step
         """Builds reusable state (factors, eigendecompositions, an index). Default: none."""
@@ -68,9 +81,9 @@ class Estimator(ABC):
 # did not take these at all.
 EXACT_GRADIENTS = {
     "projection_dim": "{name} preconditions exact gradients with its curvature; set "
-                      "projection_dim=null (grad_dot, grad_cos, tracin, trak and trackstar "
+                      "{{projection_dim=null}} (grad_dot, grad_cos, tracin, trak and trackstar "
                       "project).",
-    "candidates": "{name} scores every training example; set candidates=null (lexical "
+    "candidates": "{name} scores every training example; set {{candidates=null}} (lexical "
                   "candidates apply to grad_dot, grad_cos and tracin).",
 }
 
@@ -125,10 +138,10 @@ class GradientEstimator(Estimator):
         name = type(self).__name__.lower()
         for key, why in self.unsupported.items():
             if getattr(self, key):
-                raise ValueError(why.format(name=name))
+                raise OptionError(why.format(name=name))
         if self.per_layer and self.projection_options.enabled and projection_structure == "dense":
-            raise ValueError("a dense projection mixes layers, so per_layer scores need "
-                             "projection_structure=kronecker (or no projection).")
+            raise OptionError("a dense projection mixes layers, so {per_layer} scores need "
+                              "{projection_structure=kronecker} (or no projection).")
         self.layer_scores: Tensor | None = None
 
     def engine(self, problem: AttributionProblem) -> GradientEngine:

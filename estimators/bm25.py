@@ -28,6 +28,8 @@ class BM25(Estimator):
         stopwords: drop English stop words.
     """
 
+    needs_text = True  # the harness refuses a task without text before any work
+
     def __init__(self, k1: float = 1.5, b: float = 0.75, method: str = "lucene",
                  stopwords: bool = True):
         self.k1 = positive("k1", k1)

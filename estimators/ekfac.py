@@ -39,10 +39,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from estimators.atomic import atomic_write, content_hash, load_checked
+from estimators.atomic import content_hash, load_checked, save_checked
 from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.options import bounded, choice, number, positive
+from estimators.options import OptionError, bounded, choice, natural, positive
 from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def fisher_loss(problem: AttributionProblem, fisher: str,
     if fisher == "empirical":
         return problem.train_loss
     if problem.sample_targets is None:
-        raise ValueError("This task defines no sample_targets, so the true Fisher cannot be "
-                         "sampled; set estimator.fisher=empirical.")
+        raise OptionError("This task defines no sample_targets, so the true Fisher cannot be "
+                          "sampled; use {fisher=empirical}.")
 
     def sampled_loss(model: nn.Module, batch: Batch) -> Tensor:
         outputs = problem.outputs(model, batch)
@@ -128,7 +128,8 @@ def corrected_eigenvalues(problem: AttributionProblem, engine: GradientEngine,
 
 
 class FactorCache:
-    """Fitted factors on disk: one ``torch.save`` file per key, written atomically.
+    """Fitted factors on disk: one verified file per key (:mod:`estimators.atomic`: atomic,
+    byte-identical for the same factors, its key, slot and checksum checked on load).
 
     Args:
         directory: where the files go; None disables the cache.
@@ -137,16 +138,15 @@ class FactorCache:
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory else None
 
-    def load(self, key: str) -> dict | None:
+    def load(self, key: str, slot: str | None = None) -> dict | None:
         if self.directory is None:
             return None
-        return load_checked(self.directory / f"{key}.pt", key)
+        return load_checked(self.directory / f"{key}.pt", key, slot)
 
-    def save(self, key: str, payload: dict) -> None:
+    def save(self, key: str, payload: dict, slot: str | None = None) -> None:
         if self.directory is None:
             return
-        with atomic_write(self.directory / f"{key}.pt") as tmp:
-            torch.save({**payload, "key": key}, tmp)
+        save_checked({**payload, "key": key}, self.directory / f"{key}.pt", slot)
 
 
 class KFAC(GradientEstimator):
@@ -179,7 +179,7 @@ class KFAC(GradientEstimator):
         self.damping = bounded("damping", damping, 0, allow_none=True)  # None: heuristic
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.query_rank = positive("query_rank", query_rank, integer=True, allow_none=True)
-        self.seed = number("seed", seed, integer=True)
+        self.seed = natural("seed", seed)
         self.cache = FactorCache(Path(cache_dir) / "factors" if cache_dir else None)
         self.factors: Factors | None = None
         self.dampings: dict[str, float] = {}
@@ -195,14 +195,14 @@ class KFAC(GradientEstimator):
     def _cached(self, problem: AttributionProblem, spec: dict, compute: Callable[[], dict]):
         """``compute()``'s payload, from the cache when the problem has a key."""
         key = content_hash(spec) if problem.key else None
-        payload = self.cache.load(key) if key else None
+        payload = self.cache.load(key, spec["what"]) if key else None
         if payload is not None:
             log.info("Loaded %s from the factor cache (%s)", spec["what"], key)
             self.loaded_from_cache = True
             return payload
         payload = compute()
         if key:
-            self.cache.save(key, payload)
+            self.cache.save(key, payload, spec["what"])
         return payload
 
     def fit(self, problem: AttributionProblem) -> None:
@@ -246,8 +246,8 @@ class KFAC(GradientEstimator):
             q_a, q_s = f["q_a"].to(grad.device), f["q_s"].to(grad.device)
             denom = (f["lam"] + problem.l2 + self.dampings[name]).to(grad.device)
             if (denom <= 0).any():
-                raise ValueError(f"Layer '{name}' has a zero damped eigenvalue: set "
-                                 "estimator.damping > 0 or null (heuristic).")
+                raise OptionError(f"Layer '{name}' has a zero damped eigenvalue: set {{damping}} "
+                                  "> 0, or {damping=null} (the heuristic).")
             pre = q_s @ ((q_s.T @ grad.double() @ q_a) / denom) @ q_a.T
             out[name] = low_rank(pre, self.query_rank) if self.query_rank else pre
         return out

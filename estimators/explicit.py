@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.options import CURVATURES, bounded, choice, positive
+from estimators.options import CURVATURES, OptionError, bounded, choice, positive
 from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 SCALABLE = "ekfac, kfac, lissa, arnoldi, tracin, trackstar, grad_dot or grad_cos"
@@ -112,23 +112,33 @@ class Explicit(GradientEstimator):
         engine = self.engine(problem)
         p = engine.num_params
         if p > self.max_params:
-            raise ValueError(
+            raise OptionError(
                 f"explicit forms the full {p} x {p} curvature matrix ({p * p * 8 / 2**30:.1f} GiB "
-                f"in float64), but this model has {p} tracked parameters, above max_params="
-                f"{self.max_params}. Use an estimator that scales ({SCALABLE}), or raise "
-                "estimator.max_params if you have the memory."
+                f"in float64), but this model has {p} tracked parameters, above "
+                f"{{max_params}}={self.max_params}. Use an estimator that scales ({SCALABLE}), "
+                "or raise {max_params} if you have the memory."
             )
         h = curvature_matrix(problem, engine, self.curvature, self.batch_size)
         h += self.damping * torch.eye(p, dtype=torch.float64)
         chol, info = torch.linalg.cholesky_ex(h)
         if info != 0:
-            smallest = torch.linalg.eigvalsh(h)[0].item()
-            raise ValueError(
-                f"The damped {self.curvature} matrix is not positive definite (smallest "
-                f"eigenvalue {smallest:.3g}): raise estimator.damping above "
-                f"{self.damping - smallest:.3g}, or use curvature=ggn, which is PSD."
-            )
+            raise OptionError(self._not_positive_definite(torch.linalg.eigvalsh(h)[0].item()))
         self.cholesky = chol
+
+    def _not_positive_definite(self, smallest: float) -> str:
+        """Why the damped matrix (smallest eigenvalue ``smallest``) cannot be factorised, and
+        what to change: the damping; for the Hessian also the curvature (the GGN is PSD, so a
+        singular damped GGN needs damping, never another curvature)."""
+        need = max(self.damping - smallest, 0.0)
+        suggest = float(f"{max(10 * need, 1e-3):.1g}")
+        advice = f"raise {{damping}} above {need:.3g} (e.g. {{damping={suggest:g}}})"
+        if self.curvature == "ggn":
+            why = "; the GGN is positive semi-definite, so only damping makes it definite"
+        else:
+            why = ""
+            advice += ", or use {curvature=ggn}, which is positive semi-definite"
+        return (f"The damped {self.curvature} matrix is not positive definite (smallest "
+                f"eigenvalue {smallest:.3g}{why}): {advice}.")
 
     def precondition(self, problem: AttributionProblem, engine: GradientEngine,
                      query_grads: LayerGrads) -> LayerGrads:

@@ -3,8 +3,10 @@
 An index is one ``[n_train, d]`` float32 ``.npy`` file named by a key that hashes everything
 that determines its numbers: a fingerprint of the model's tracked parameters and of the
 training data, the projection, the layer filter and which function was differentiated. It is
-written under a hidden temporary name and renamed into place (atomic on POSIX), so a reader
-never sees half an index; an unreadable file is deleted and rebuilt. Scoring new queries
+a verified cache file (:func:`estimators.atomic.array_writer`): written under a hidden
+temporary name and renamed into place (atomic on POSIX), so a reader never sees half an
+index, with its key, slot (its rows) and checksum in a trailer that numpy ignores; a file
+that cannot be read or does not match is deleted and rebuilt. Scoring new queries
 against a stored index costs only the queries' own gradients.
 
 This module is independent of ``bench`` (estimators never import it).
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from estimators.atomic import atomic_write, content_hash
+from estimators.atomic import array_writer, content_hash, load_array
 from estimators.gradients import GradientEngine
 from estimators.problem import AttributionProblem
 
@@ -53,35 +55,21 @@ class GradientIndex:
         return self.directory / f"{key}.npy"
 
     def load(self, key: str, shape: tuple[int, int]) -> np.ndarray | None:
-        """The memory-mapped index ``[n, d]`` for ``key``, or None if absent or unreadable."""
-        path = self.path(key)
-        if not path.exists():
-            return None
-        try:
-            array = np.load(path, mmap_mode="r")
-            if array.shape != tuple(shape) or array.dtype != np.float32:
-                raise ValueError(f"shape {array.shape} {array.dtype}, expected {shape} float32")
-            return array
-        except Exception as err:  # noqa: BLE001 - any unreadable index is rebuilt
-            log.warning("Gradient index %s is unreadable (%s); deleting and rebuilding it.",
-                        path, err)
-            path.unlink(missing_ok=True)
-            return None
+        """The memory-mapped index ``[n, d]`` for ``key``, or None if absent or it fails
+        verification (then it is deleted, with the reason logged)."""
+        return load_array(self.path(key), key, {"rows": int(shape[0])}, shape, np.float32)
 
     def build(self, key: str, shape: tuple[int, int],
               chunks: Iterator[tuple[slice, Tensor]]) -> np.ndarray:
         """Writes the rows ``chunks`` yields (``(rows, [B, d])``) atomically; returns the map."""
         path = self.path(key)
-        with atomic_write(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        with array_writer(path, key, {"rows": int(shape[0])}, shape, np.float32) as out:
             written = 0
             for rows, values in chunks:
                 out[rows] = values.detach().to(torch.float32).cpu().numpy()
                 written = rows.stop
             if written != shape[0]:
                 raise RuntimeError(f"index got {written} rows, expected {shape[0]}")
-            out.flush()
-            del out
         return np.load(path, mmap_mode="r")
 
     def load_or_build(self, key: str, shape: tuple[int, int],

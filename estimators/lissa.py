@@ -36,7 +36,7 @@ from estimators.curvature_products import (
     top_eigenvalue,
 )
 from estimators.gradients import GradientEngine, LayerGrads
-from estimators.options import CURVATURES, bounded, choice, number, positive
+from estimators.options import CURVATURES, bounded, choice, natural, positive
 from estimators.problem import AttributionProblem, eval_mode, move_to
 
 
@@ -77,7 +77,7 @@ class LiSSA(GradientEstimator):
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.repeat = positive("repeat", repeat, integer=True)
         self.sample = positive("sample", sample, integer=True, allow_none=True)
-        self.seed = number("seed", seed, integer=True)
+        self.seed = natural("seed", seed)
         self.scale_used: float | None = None
         self.diagnostics: dict[str, float] = {}
 

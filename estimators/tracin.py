@@ -20,6 +20,7 @@ import dataclasses
 from torch import Tensor
 
 from estimators.base import GradientEstimator
+from estimators.options import OptionError, literal
 from estimators.problem import AttributionProblem, Checkpoint
 
 
@@ -34,8 +35,8 @@ def select_checkpoints(checkpoints: list[Checkpoint], which: str | int) -> list[
         return list(checkpoints)
     n = int(which)
     if n > len(checkpoints):
-        raise ValueError(f"tracin checkpoints={n}, but training recorded only "
-                         f"{len(checkpoints)}; use checkpoints=all or record more.")
+        raise OptionError(f"tracin {{checkpoints}}={n}, but training recorded only "
+                          f"{len(checkpoints)}; use {{checkpoints=all}} or record more.")
     return [checkpoints[round((k + 1) * len(checkpoints) / n) - 1] for k in range(n)]
 
 
@@ -55,8 +56,8 @@ class TracIn(GradientEstimator):
                 if int(checkpoints) <= 0:
                     raise ValueError
             except (TypeError, ValueError):
-                raise ValueError(f"checkpoints must be 'last', 'all' or a positive integer, "
-                                 f"got {checkpoints!r}") from None
+                raise OptionError(f"{{checkpoints}} must be 'last', 'all' or a positive integer, "
+                                  f"got {literal(checkpoints)}") from None
         self.checkpoints = checkpoints
 
     def _at(self, problem: AttributionProblem, checkpoint: Checkpoint) -> AttributionProblem:

@@ -33,11 +33,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from estimators.atomic import atomic_write, load_checked
+from estimators.atomic import load_checked, save_checked
 from estimators.base import GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads
 from estimators.index import GradientIndex, read_rows
-from estimators.options import bounded, choice, flag, positive
+from estimators.options import OptionError, bounded, choice, flag, positive
 from estimators.problem import AttributionProblem, adam_state
 
 HESSIANS = ("none", "train", "task", "mixed")
@@ -87,10 +87,10 @@ class TrackStar(GradientEstimator):
         adam = adam_state(problem.model, problem.checkpoints[-1].optimizer_state
                           if problem.checkpoints else None)
         if adam is None:
-            raise ValueError(
-                "trackstar's optimizer_correction needs the Adam second moment of the final "
+            raise OptionError(
+                "trackstar's {optimizer_correction} needs the Adam second moment of the final "
                 "training checkpoint, but this task's model was not trained with Adam; set "
-                "estimator.optimizer_correction=false.")
+                "{optimizer_correction=false}.")
         bias = 1.0 - adam["betas"][1] ** max(adam["step"], 1.0)
         v = adam["exp_avg_sq"]
         scales = {}
@@ -130,7 +130,7 @@ class TrackStar(GradientEstimator):
         key = self.index_key(problem, engine, projector)
         store = GradientIndex(self.index_dir) if key else None
         path = store.path(f"{key}-rtrain").with_suffix(".pt") if key else None
-        basis = load_checked(path, key) if key else None
+        basis = load_checked(path, key, "rtrain basis") if key else None
         if basis is None:
             total = None
             for _, g in self._encodings(problem, engine, projector):
@@ -138,8 +138,7 @@ class TrackStar(GradientEstimator):
             eigenvalues, vectors = torch.linalg.eigh(total / problem.n_train)
             basis = {"key": key, "eigenvalues": eigenvalues, "vectors": vectors}
             if key:
-                with atomic_write(path) as tmp:
-                    torch.save(basis, tmp)
+                save_checked(basis, path, "rtrain basis")
         vectors, eigenvalues = basis["vectors"], basis["eigenvalues"]
         rotated = ((r, g @ vectors) for r, g in self._encodings(problem, engine, projector))
         if key:
@@ -152,10 +151,10 @@ class TrackStar(GradientEstimator):
         """``[Q, n]`` scores −qᵀR⁻¹m (unit-normalised in the R⁻¹ metric if ``unit_norm``)."""
         n_q, d = queries.shape
         if d > self.max_hessian_dim:
-            raise ValueError(
+            raise OptionError(
                 f"trackstar's hessian correction forms a {d} x {d} matrix, above "
-                f"max_hessian_dim={self.max_hessian_dim}: set estimator.projection_dim "
-                "(e.g. 4096), or hessian=none.")
+                f"{{max_hessian_dim}}={self.max_hessian_dim}: set {{projection_dim}} "
+                "(e.g. 4096), or {hessian=none}.")
         w = {"train": 0.0, "task": 1.0, "mixed": self.mix}[self.hessian]
         if w < 1:
             vectors, eigenvalues, encodings = self._train_basis(problem, engine, projector)

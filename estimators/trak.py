@@ -35,7 +35,7 @@ from torch import Tensor
 
 from estimators.base import GradientEstimator
 from estimators.gradients import GradientEngine
-from estimators.options import bounded, number, positive
+from estimators.options import OptionError, bounded, natural, positive
 from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import Projector
 
@@ -72,16 +72,16 @@ class TRAK(GradientEstimator):
         super().__init__(projection_dim=projection_dim, **kwargs)
         self.n_models = positive("n_models", n_models, integer=True)
         self.damping = bounded("damping", damping, 0)
-        self.seed = number("seed", seed, integer=True)
+        self.seed = natural("seed", seed)
         self.members: list[_Member] = []
 
     def ensemble(self, problem: AttributionProblem) -> list[AttributionProblem]:
         """The problem for each ensemble member; the first is ``problem`` itself."""
         if self.n_models > 1 and problem.model_factory is None:
-            raise ValueError(
-                "trak with n_models > 1 needs more models trained on the same task, but this "
+            raise OptionError(
+                "trak with {n_models} > 1 needs more models trained on the same task, but this "
                 "problem has no model_factory (the task cannot train them, or the problem was "
-                "built outside the harness); set estimator.n_models=1.")
+                "built outside the harness); set {n_models=1}.")
         problems = [problem]
         for k in range(1, self.n_models):
             model = problem.model_factory(self.seed + k)
@@ -110,8 +110,8 @@ class TRAK(GradientEstimator):
             kernel += damping * torch.eye(projector.dim, dtype=torch.float64)
             chol, info = torch.linalg.cholesky_ex(kernel)
             if info != 0:
-                raise ValueError("trak's kernel ΦᵀΦ + λI is not positive definite; raise "
-                                 "estimator.damping.")
+                raise OptionError("trak's kernel ΦᵀΦ + λI is not positive definite; raise "
+                                  "{damping}.")
             self.members.append(_Member(member, engine, projector, chol,
                                         self._one_minus_p(member)))
 

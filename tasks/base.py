@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from estimators.options import OptionError, literal, names_arguments, natural, positive
 from estimators.problem import AttributionProblem, Checkpoint, eval_mode, move_to
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -39,6 +41,9 @@ class Task(ABC):
             is well defined (the ``loo`` ground truth refuses other tasks).
         retrainable: whether :meth:`fit` can train the model on a subset of the training
             set (the retraining ground truths, ``lds`` and ``loo``, refuse other tasks).
+        has_text: whether the problem carries the training and query text (lexical
+            estimators need it); None where the task does not say (then it is not checked
+            before the run).
 
     Args:
         split_seed: seed of the train/query split.
@@ -46,20 +51,29 @@ class Task(ABC):
         **truths: the settings of each ground-truth kind the task offers, under the kind's
             name (``lds``, ``loo``, ``pbrf``, or a plug-in's; see ``bench.truths``), None to
             disable one. The harness checks the names and values before any work.
+
+    A bad argument raises :class:`~estimators.options.OptionError`, which names the task's
+    class (and ``task.<key>`` on the command line).
     """
 
     VERSION = 1
     convex = False
     retrainable = True
+    has_text: bool | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names_arguments(cls, "task")
 
     def __init__(self, split_seed: int = 0, device: str = "cpu", **truths: dict | None):
-        self.split_seed = int(split_seed)
+        self.split_seed = natural("split_seed", split_seed)
         self.device = resolve_device(device)
         self.truths: dict[str, dict] = {}
         for name, settings in truths.items():
             if settings is not None and not isinstance(settings, Mapping):
-                raise ValueError(f"task.{name} must be a mapping of ground-truth settings or "
-                                 f"null, got {settings!r}")
+                raise OptionError(f"{{{name}}} is not a setting of this task, and a ground-truth "
+                                  f"kind's settings are a mapping or {{null}}, got "
+                                  f"{literal(settings)}; check the key's spelling")
             if settings:
                 self.truths[name] = dict(settings)
 
@@ -113,11 +127,22 @@ class Task(ABC):
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other values are checked."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:<i>``
+    are checked (CUDA present, the index in range)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or auto.")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise OptionError(f"device must be cpu, cuda, cuda:<index> or auto, got "
+                          f"{literal(device)}", scope="")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise OptionError(f"device={device} but CUDA is not available here; use device=cpu "
+                              "or device=auto", scope="")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise OptionError(f"device={device} but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s); use a smaller "
+                              "index or device=cuda", scope="")
     return device
 
 
@@ -142,9 +167,7 @@ class RecordCheckpoints(L.Callback):
 
     def __init__(self, every_n_epochs: int | None = None, every_n_steps: int | None = None):
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and int(value) <= 0:
-                raise ValueError(f"checkpoints.{name} must be a positive integer or null, "
-                                 f"got {value!r}")
+            positive(f"checkpoints.{name}", value, integer=True, allow_none=True)
         self.every_n_epochs = int(every_n_epochs) if every_n_epochs else None
         self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.recorded: list[Checkpoint] = []

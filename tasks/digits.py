@@ -13,13 +13,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from estimators.options import OptionError, bounded, escape, literal, positive
 from estimators.problem import (
     AttributionProblem,
     Checkpoint,
     cross_entropy_sum,
     sample_categorical,
 )
-from tasks.base import Task, lightning_fit
+from tasks.base import RecordCheckpoints, Task, lightning_fit
 
 N_DIGITS = 1797
 
@@ -30,8 +31,8 @@ def load_digits_split(n_train: int, n_queries: int, split_seed: int,
     from sklearn.datasets import load_digits
 
     if n_train + n_queries > N_DIGITS:
-        raise ValueError(f"n_train + n_queries must be at most {N_DIGITS}, got "
-                         f"{n_train} + {n_queries}")
+        raise OptionError(f"{{n_train}} + {{n_queries}} must be at most {N_DIGITS} (the digits "
+                          f"data set), got {n_train} + {n_queries}")
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=dtype) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
@@ -118,18 +119,39 @@ class DigitsTask(Task):
     optimizer = "sgd"
     precision = "32-true"
     ensemble_size = 256  # models per vectorised pass of fit_many
+    has_text = False
 
     def __init__(self, n_train: int = 1000, n_queries: int = 100, l2: float = 1e-3,
                  batch_size: int = 32, epochs: int = 20, optim: dict | None = None,
                  checkpoints: dict | None = None, **task):
         super().__init__(**task)
-        self.train_set, self.query_set = load_digits_split(n_train, n_queries, self.split_seed,
-                                                           self.dtype)
-        self.l2 = float(l2)
-        self.batch_size = int(batch_size)
-        self.epochs = int(epochs)
+        n_train = positive("n_train", n_train, integer=True)
+        n_queries = positive("n_queries", n_queries, integer=True)
+        self.l2 = bounded("l2", l2, 0)
+        self.batch_size = positive("batch_size", batch_size, integer=True)
+        self.epochs = positive("epochs", epochs, integer=True)
         self.optim = dict(optim or {})
         self.checkpoints = dict(checkpoints) if checkpoints else None
+        if self.checkpoints is not None:
+            try:
+                RecordCheckpoints(**self.checkpoints)  # checks its keys and values
+            except TypeError:
+                raise OptionError(f"{{checkpoints}} takes every_n_epochs and/or every_n_steps, "
+                                  f"got {literal(self.checkpoints)}") from None
+        self._check_optimizer()
+        self.train_set, self.query_set = load_digits_split(n_train, n_queries, self.split_seed,
+                                                           self.dtype)
+
+    def _check_optimizer(self) -> None:
+        """Builds the optimizer once on a dummy parameter, so a bad ``optim`` value is refused
+        before any training (naming the key)."""
+        module = ClassifierModule(nn.Identity(), self.optimizer, self.optim, self.l2)
+        try:
+            module.optimizer_for([torch.zeros(1, requires_grad=True)])
+        except (TypeError, ValueError) as err:
+            raise OptionError(f"{{optim}} = {escape(self.optim)} is not accepted by the "
+                              f"{self.optimizer} optimizer ({escape(err)}); check its keys and "
+                              "values") from None
 
     @property
     def n_train(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from estimators.options import OptionError, literal, positive
 from tasks.digits import DigitsTask
 
 
@@ -24,7 +25,10 @@ class DigitsMLP(DigitsTask):
 
     def __init__(self, hidden: list[int] | tuple[int, ...] = (64,), **task):
         super().__init__(**task)
-        self.hidden = [int(h) for h in hidden]
+        if isinstance(hidden, str | bytes) or not hasattr(hidden, "__iter__"):
+            raise OptionError(f"{{hidden}} must be a list of layer widths such as [64], got "
+                              f"{literal(hidden)}")
+        self.hidden = [positive("hidden", h, integer=True) for h in hidden]
 
     def build_model(self, seed: int) -> nn.Module:
         widths = [64, *self.hidden, 10]

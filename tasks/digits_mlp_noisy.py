@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from estimators.options import bounded, natural
 from estimators.problem import AttributionProblem, Checkpoint
 from tasks.digits_mlp import DigitsMLP
 
@@ -41,8 +42,8 @@ class DigitsMLPNoisy(DigitsMLP):
 
     def __init__(self, noise: float = 0.1, noise_seed: int = 0, **task):
         super().__init__(**task)
-        if not 0.0 <= noise <= 1.0:
-            raise ValueError(f"noise must be a fraction in [0, 1], got {noise}")
+        noise = bounded("noise", noise, 0.0, 1.0)
+        noise_seed = natural("noise_seed", noise_seed)
         x, y = self.train_set.tensors
         noisy, self.flipped = flip_labels(y, float(noise), int(noise_seed))
         self.train_set = TensorDataset(x, noisy)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from estimators.options import OptionError, bounded, choice, literal, natural, positive
 from estimators.problem import AttributionProblem, Checkpoint
 from tasks import lm
 from tasks.base import lightning_fit
@@ -37,6 +38,11 @@ from tasks.fact_world import generate
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+SETTINGS = {  # the keys of the task's world, model and train blocks
+    "world": ("n_entities", "docs_per_fact", "facts_per_doc", "n_prior_docs", "n_queries"),
+    "model": ("arch", "layers", "width", "heads", "intermediate"),
+    "train": ("epochs", "batch_size", "lr", "weight_decay", "betas", "warmup", "final_lr_ratio"),
+}
 
 
 def build_tokenizer(texts: list[str]):
@@ -79,19 +85,17 @@ class Facts(lm.LMTask):
                  tail_patch_lr: float | None = None, export_dir: str | None = None, **task):
         super().__init__(**task)
         if {"lds", "loo"} & set(self.truths):
-            raise ValueError("facts has proponents as its ground truth, not LDS or LOO; set "
-                             "task.lds=null and task.loo=null.")
+            raise OptionError("facts has proponents as its ground truth, not LDS or LOO; set "
+                              "{lds=null} and {loo=null}.")
         self.world_cfg = dict(world or {})
         self.model_cfg = {"arch": "llama", "layers": 2, "width": 128, "heads": 4,
                           "intermediate": 256, **(model or {})}
         self.train_cfg = {"epochs": 20, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0,
                           "betas": (0.9, 0.98), "warmup": 0.05, "final_lr_ratio": 0.1,
                           **(train or {})}
-        if self.model_cfg["arch"] not in ("llama", "gpt_neox"):
-            raise ValueError(f"task.model.arch must be 'llama' or 'gpt_neox', got "
-                             f"{self.model_cfg['arch']!r}")
-        self.max_length = int(max_length)
-        self.tail_patch_lr = tail_patch_lr
+        self._check_settings()
+        self.max_length = positive("max_length", max_length, integer=True)
+        self.tail_patch_lr = positive("tail_patch_lr", tail_patch_lr, allow_none=True)
         self.export_dir = export_dir
         self.world = generate(**self.world_cfg, seed=self.split_seed)
         self.query_texts = [q["prompt"] + " " + q["target"] for q in self.world.queries]
@@ -103,6 +107,35 @@ class Facts(lm.LMTask):
         self.query_data = lm.encode_queries([q["prompt"] for q in self.world.queries],
                                             [q["target"] for q in self.world.queries], encode,
                                             tok.bos_token_id, self.max_length)
+
+    def _check_settings(self) -> None:
+        """Refuses an unknown or out-of-range ``world``, ``model`` or ``train`` value."""
+        for group, values in (("world", self.world_cfg), ("model", self.model_cfg),
+                              ("train", self.train_cfg)):
+            unknown = sorted(set(values) - set(SETTINGS[group]))
+            if unknown:
+                raise OptionError(f"{{{group}.{unknown[0]}}} is not a setting; {group} takes "
+                                  f"{', '.join(SETTINGS[group])}")
+        for key in ("n_entities", "docs_per_fact", "facts_per_doc", "n_queries"):
+            positive(f"world.{key}", self.world_cfg.get(key, 1), integer=True)
+        natural("world.n_prior_docs", self.world_cfg.get("n_prior_docs", 0))
+        m, t = self.model_cfg, self.train_cfg
+        choice("model.arch", m["arch"], ("llama", "gpt_neox"))
+        for key in ("layers", "width", "heads", "intermediate"):
+            positive(f"model.{key}", m[key], integer=True)
+        if m["width"] % m["heads"]:
+            raise OptionError(f"{{model.width}}={m['width']} must be a multiple of "
+                              f"{{model.heads}}={m['heads']}")
+        positive("train.epochs", t["epochs"], integer=True)
+        positive("train.batch_size", t["batch_size"], integer=True)
+        positive("train.lr", t["lr"])
+        bounded("train.weight_decay", t["weight_decay"], 0)
+        bounded("train.warmup", t["warmup"], 0, 1)
+        bounded("train.final_lr_ratio", t["final_lr_ratio"], 0, 1)
+        if len(t["betas"]) != 2:
+            raise OptionError(f"{{train.betas}} must be two numbers, got {literal(t['betas'])}")
+        for beta in t["betas"]:
+            bounded("train.betas", beta, 0, 1, open_high=True)
 
     def build_model(self, seed: int) -> nn.Module:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -7,6 +7,11 @@
   optional ``proponents`` (a list of corpus ids: the documents that state the fact) and
   ``set`` (``forward`` by default; e.g. ``flipped`` for a second query set).
 
+Inputs are checked before anything is loaded or computed, each error naming the file and
+line (or the argument): JSON syntax, the type of every field, empty or blank texts, prompts
+and targets, duplicate document ids, proponents that are not corpus ids, a local model
+path that does not exist (said as such, not tried as a hub id).
+
 The model is not trained here: :meth:`HFLM.fit` returns its weights as the final
 checkpoint. Measurement: log p(target | prompt); training loss: a document's summed token
 NLL (:mod:`tasks.lm`). Queries with proponents give the fact-tracing metrics; tail-patch
@@ -16,35 +21,89 @@ takes a plain gradient step of ``tail_patch_lr`` (no optimizer state is known) w
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from estimators.options import OptionError, choice, escape, literal, positive
 from estimators.problem import AttributionProblem, Checkpoint
 from tasks import lm
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # org/name, as on the hub
+# The fields of each file: name -> (required, accepted types, what the value must be).
+CORPUS_FIELDS = {"id": (True, (str, int), "a string or an integer"),
+                 "text": (True, (str,), "a non-empty string")}
+QUERY_FIELDS = {"prompt": (True, (str,), "a non-empty string"),
+                "target": (True, (str,), "a non-empty string"),
+                "proponents": (False, (list,), "a list of corpus ids, e.g. [\"d1\", \"d7\"]"),
+                "set": (False, (str,), "a string such as forward or flipped")}
 
-def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """The records of a jsonl file, each checked for the ``required`` keys."""
-    path = Path(path)
+
+def read_jsonl(path: str | Path, fields: dict[str, tuple], arg: str) -> list[tuple[int, dict]]:
+    """The records of a jsonl file with their line numbers, each checked against ``fields``.
+
+    Every error names ``path:line``: a line that is not JSON, a record that is not an
+    object, a missing field, a value of the wrong type, an empty or blank string.
+
+    Args:
+        fields: ``{name: (required, types, description)}``.
+        arg: the task argument that names the file (``corpus``), for the message.
+    """
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; give a jsonl file with fields "
-                                f"{', '.join(required)}.")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise OptionError(f"{{{arg}}}={escape(path)} {what}; give a jsonl file, one JSON object "
+                          f"a line with the fields {', '.join(fields)}")
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            missing = [k for k in required if k not in record]
-            if missing:
-                raise ValueError(f"{path}:{line_no} lacks the field(s) {missing}; every line "
-                                 f"needs {', '.join(required)}.")
-            records.append(record)
+            where = f"{escape(path)}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise OptionError(f"{where}: not valid JSON ({escape(err.msg)} at column "
+                                  f"{err.colno}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise OptionError(f"{where}: expected a JSON object with the fields "
+                                  f"{', '.join(fields)}, got {escape(type(record).__name__)}")
+            for name, (required, types, description) in fields.items():
+                if name not in record:
+                    if required:
+                        raise OptionError(f"{where} lacks the field {name!r}; every line needs "
+                                          f"{', '.join(k for k, f in fields.items() if f[0])}")
+                    continue
+                value = record[name]
+                blank = isinstance(value, str) and not value.strip() and name != "id"
+                if isinstance(value, bool) or not isinstance(value, types) or blank:
+                    raise OptionError(f"{where}: {name!r} must be {description}, got "
+                                      f"{literal(value)}")
+            records.append((line_no, record))
     if not records:
-        raise ValueError(f"{path} holds no records.")
+        raise OptionError(f"{{{arg}}}={escape(path)} holds no records")
     return records
+
+
+def check_model(model: str) -> str:
+    """``model`` if it is a local directory, or could be a hub id; a path that does not
+    exist is said to be one (not passed on to the hub as an id)."""
+    if not isinstance(model, str) or not model.strip():
+        raise OptionError(f"{{model}} must be a model directory or a hub id, got "
+                          f"{literal(model)}")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise OptionError(f"{{model}}={escape(model)} is a file; give the directory that "
+                          "save_pretrained wrote (model and tokenizer)")
+    if model.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(model):
+        raise OptionError(f"{{model}}={escape(model)}: no such directory; give the directory "
+                          "that save_pretrained wrote (model and tokenizer), or a hub id "
+                          "such as org/name")
+    return model
 
 
 class HFLM(lm.LMTask):
@@ -68,34 +127,61 @@ class HFLM(lm.LMTask):
     def __init__(self, model: str, corpus: str, queries: str, max_length: int = 256,
                  dtype: str = "float32", tail_patch_lr: float | None = None, **task):
         super().__init__(**task)
-        if dtype not in ("float32", "float64", "bfloat16"):
-            raise ValueError(f"task.dtype must be float32, float64 or bfloat16, got {dtype!r}")
-        from transformers import AutoTokenizer
-
-        self.model_name, self.dtype = model, getattr(torch, dtype)
-        self.max_length, self.tail_patch_lr = int(max_length), tail_patch_lr
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model_name = check_model(model)
+        self.dtype = getattr(torch, choice("dtype", dtype, ("float32", "float64", "bfloat16")))
+        self.max_length = positive("max_length", max_length, integer=True)
+        self.tail_patch_lr = positive("tail_patch_lr", tail_patch_lr, allow_none=True)
+        docs = read_jsonl(corpus, CORPUS_FIELDS, "corpus")
+        queries_read = read_jsonl(queries, QUERY_FIELDS, "queries")
+        self.texts = [d["text"] for _, d in docs]
+        position: dict[str, int] = {}
+        for i, (line_no, d) in enumerate(docs):
+            if str(d["id"]) in position:
+                raise OptionError(f"{escape(corpus)}:{line_no}: the id {literal(d['id'])} is "
+                                  "already used by another document; make every id unique")
+            position[str(d["id"])] = i
+        self.queries = [q for _, q in queries_read]
+        self.proponents = []
+        for line_no, q in queries_read:
+            ids = q.get("proponents", [])
+            unknown = [p for p in ids if isinstance(p, bool) or not isinstance(p, str | int)
+                       or str(p) not in position]
+            if unknown:
+                raise OptionError(f"{escape(queries)}:{line_no}: proponents "
+                                  f"{literal(unknown[:5])} are not ids of {escape(corpus)}")
+            self.proponents.append([position[str(p)] for p in ids])
+        self.tokenizer = self._load_tokenizer()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        docs = read_jsonl(corpus, ("id", "text"))
-        self.texts = [str(d["text"]) for d in docs]
-        position = {str(d["id"]): i for i, d in enumerate(docs)}
-        if len(position) != len(docs):
-            raise ValueError(f"{corpus} has duplicate document ids; make every id unique.")
-        self.queries = read_jsonl(queries, ("prompt", "target"))
-        self.proponents = []
-        for q in self.queries:
-            unknown = [p for p in q.get("proponents", []) if str(p) not in position]
-            if unknown:
-                raise ValueError(f"query {q['prompt']!r} names proponents {unknown[:5]} that are "
-                                 f"not ids in {corpus}.")
-            self.proponents.append([position[str(p)] for p in q.get("proponents", [])])
         bos = self.tokenizer.bos_token_id
         eos = self.tokenizer.eos_token_id
         self.train_data = lm.encode_documents(self.texts, self._encode, bos, eos, self.max_length)
         self.query_data = lm.encode_queries([q["prompt"] for q in self.queries],
                                             [q["target"] for q in self.queries], self._encode,
                                             bos, self.max_length)
+        empty = [i for i, x in enumerate(self.query_data) if not (x["labels"] != lm.IGNORE).any()]
+        if empty:
+            raise OptionError(f"queries {empty[:5]} of {escape(queries)} have no target token "
+                              f"left within {{max_length}}={self.max_length}; raise it or "
+                              "shorten their prompts")
+
+    def _load_tokenizer(self):
+        """The model's tokenizer; a directory without one, or an id the hub does not know
+        (or cannot be reached), is one sentence naming ``model``."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.model_name)
+        except (OSError, ValueError) as err:
+            if Path(self.model_name).is_dir():
+                raise OptionError(f"{{model}}={escape(self.model_name)} holds no tokenizer that "
+                                  "AutoTokenizer can load; save the tokenizer there too "
+                                  "(tokenizer.save_pretrained)") from None
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            raise OptionError(f"{{model}}={escape(self.model_name)} is not a local directory, "
+                              f"and the hub does not have it or cannot be reached "
+                              f"({escape(first)}); give a directory saved with save_pretrained"
+                              ) from None
 
     def build_model(self, seed: int) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -43,6 +43,7 @@ class LMTask(Task):
     """What every language-model task shares: a tokenizer, and the training documents and
     queries encoded with it (``train_data``, ``query_data``: :class:`TokenDataset`)."""
 
+    has_text = True
     tokenizer: Any
     train_data: TokenDataset
     query_data: TokenDataset

@@ -11,6 +11,9 @@
   that reproduces each row, and the commits, dates and package versions of the records;
 * the plots of :mod:`bench.report.plots` (unless ``--no-plots``).
 
+A record that cannot be read is reported with its path and skipped (``--strict``: refused);
+every user error is one sentence and exit 2 (:mod:`bench.errors`).
+
 Aggregation (per task, estimator and metric): the mean over seeds of each seed's metric, and
 a percentile interval from a two-way bootstrap that resamples seeds and, jointly for all
 seeds, queries (the query set is shared by the seeds). Its generator is seeded from
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.errors import boundary
 from bench.plugins import load_plugins
 from bench.record import read_errors
 from bench.report import stats
@@ -42,19 +46,21 @@ from bench.report.records import collect, expected_seeds, label_runs, metric_nam
 def build(directories: list[Path], out: Path, seeds: list[int] | None = None,
           n_boot: int = 2000, seed: int = 0, plots: bool = True,
           argv: list[str] | None = None,
-          compare: list[stats.Comparison] | None = None, strict: bool = True) -> pd.DataFrame:
+          compare: list[stats.Comparison] | None = None, strict: bool = True,
+          strict_records: bool = False) -> pd.DataFrame:
     """Builds the leaderboard of the records under ``directories`` into ``out``.
 
     ``compare`` lists row pairs (A, B) whose paired difference A − B is reported
     (:func:`bench.report.stats.differences`); with ``strict=False`` a pair whose rows are
-    absent is skipped.
+    absent is skipped. A bad record is skipped with a warning, or with ``strict_records``
+    refused (:func:`bench.report.records.collect`).
 
     Returns:
         the long table of cells (one row per task, estimator and metric).
     """
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be at least 1, got {n_boot}")
-    runs = collect(directories)
+    runs = collect(directories, strict=strict_records)
     load_plugins(sorted({name for run in runs for name in run.record.get("plugins") or []}))
     frame = label_runs(runs)
     metrics = metric_names(list(frame["run"]))
@@ -89,7 +95,13 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``tda-bench-leaderboard`` console script."""
+    """Entry point of the ``tda-bench-leaderboard`` console script (user errors: one
+    sentence, exit 2)."""
+    with boundary("tda-bench-leaderboard"):
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="tda-bench-leaderboard", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path, help="output folders of tda-bench runs")
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archive", type=Path, default=None,
                         help="first copy the records (metrics.json, per_query.csv, error.json) "
                              "into this folder and build from the copy, e.g. to commit them")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a bad record (default: report it with its path, skip it)")
     parser.add_argument("--wandb-project", default=None,
                         help="also log the table and plots as a W&B run named 'leaderboard' "
                              "(mode from WANDB_MODE, default offline)")
@@ -115,13 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"archived {archive(args.dirs, args.archive)} run folders into {args.archive}")
         shown = [str(args.archive), *_without_sources(shown, args.dirs)]
         args.dirs = [args.archive]
-    try:
-        seeds = parse_seeds(args.seeds) if args.seeds else None
-        cells = build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
-                      not args.no_plots, shown, args.compare)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tda-bench-leaderboard: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    cells = build(args.dirs, args.out, seeds, args.bootstrap, args.bootstrap_seed,
+                  not args.no_plots, shown, args.compare, strict_records=args.strict)
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'leaderboard.csv'}")
     if args.wandb_project:
         from bench.report.publish import log_leaderboard

@@ -6,7 +6,9 @@ A row is an estimator plus its ``estimator.*`` overrides (``ekfac[damping=0.01]`
 ``per_layer`` or ``chunk_size``, which leave the scores unchanged); a task column is a task,
 labelled with its ``task.*`` overrides only when one task name was run with several. Records
 of the same row, task and seed after the first (by date, then path) are ignored with a
-warning.
+warning. A record that cannot be read (not JSON, not an object, no task, estimator or seed, a
+seed that is not an integer, a value that is not a number, an unreadable ``per_query.csv``)
+is reported with its path and the reason and skipped, or with ``strict`` refused.
 """
 
 from __future__ import annotations
@@ -71,11 +73,56 @@ def _variant(name: str, overrides: dict[str, str], group: str) -> str:
     return name + ("[" + ",".join(f"{k}={v}" for k, v in extra) + "]" if extra else "")
 
 
-def collect(directories: list[Path]) -> list[Run]:
-    """Every run record under ``directories``, sorted by path.
+class BadRecord(ValueError):
+    """A run record that cannot be used (the message says which file and why)."""
+
+
+def read_run(path: Path) -> Run:
+    """The run record ``path`` (a ``metrics.json``) with its ``per_query.csv``.
+
+    Raises:
+        BadRecord: naming the file and what is wrong with it.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BadRecord(f"{path} is not valid JSON ({err.msg}, line {err.lineno} column "
+                        f"{err.colno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadRecord(f"{path} cannot be read ({err})") from None
+    if not isinstance(record, dict):
+        raise BadRecord(f"{path} holds a JSON {type(record).__name__}, not a run record "
+                        "(an object with task, estimator, seed and the metrics)")
+    missing = [k for k in ("task", "estimator", "seed") if k not in record]
+    if missing:
+        raise BadRecord(f"{path} lacks {', '.join(missing)}; it was not written by tda-bench")
+    seed = record["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int | float) or seed != int(seed) \
+            or seed < 0:
+        raise BadRecord(f"{path}: seed must be a non-negative integer, got {seed!r}")
+    for key in ("task", "estimator"):
+        if not isinstance(record[key], str) or not record[key]:
+            raise BadRecord(f"{path}: {key} must be a name, got {record[key]!r}")
+    for key, value in record.items():
+        if (is_headline(key) or is_cost(key)) and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)):
+            raise BadRecord(f"{path}: {key} must be a number or null, got {value!r}")
+    csv = path.with_name("per_query.csv")
+    try:
+        per_query = pd.read_csv(csv) if csv.exists() else None
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadRecord(f"{csv} cannot be read as a table ({reason})") from None
+    return Run(path.parent, record, per_query, parse_overrides(str(record.get("command", ""))))
+
+
+def collect(directories: list[Path], strict: bool = False) -> list[Run]:
+    """Every run record under ``directories``, sorted by path; a bad record is reported
+    (path and reason) and skipped, or with ``strict`` refused.
 
     Raises:
         FileNotFoundError: when a directory does not exist or holds no record.
+        BadRecord: with ``strict``, at the first bad record.
     """
     runs = []
     for directory in directories:
@@ -83,13 +130,14 @@ def collect(directories: list[Path]) -> list[Run]:
             raise FileNotFoundError(f"{directory} is not a directory; pass the output folders "
                                     "of tda-bench runs (e.g. multirun/ or outputs/).")
         for path in sorted(Path(directory).rglob("metrics.json")):
-            record = json.loads(path.read_text())
-            if not {"task", "estimator", "seed"} <= record.keys():
-                continue
-            csv = path.with_name("per_query.csv")
-            per_query = pd.read_csv(csv) if csv.exists() else None
-            runs.append(Run(path.parent, record, per_query,
-                            parse_overrides(record.get("command", ""))))
+            try:
+                runs.append(read_run(path))
+            except BadRecord as err:
+                if strict:
+                    raise BadRecord(f"{err}; fix or remove it (without --strict it is skipped)"
+                                    ) from None
+                print(f"tda-bench-leaderboard: warning: skipping a bad record: {err}",
+                      file=sys.stderr)
     if not runs:
         where = ", ".join(map(str, directories))
         raise FileNotFoundError(f"no metrics.json run records under {where}; run tda-bench "

@@ -34,6 +34,7 @@ from torch import Tensor
 from bench import ground_truth as driver
 from bench.cache import content_hash
 from estimators.base import Estimator
+from estimators.options import OptionError, arguments_of
 from estimators.problem import AttributionProblem
 from tasks.base import Task
 
@@ -105,13 +106,14 @@ class GroundTruth:
     sharded: ClassVar[bool] = True
 
     def __init__(self, **settings: Any):
-        where = self.where()
-        unknown = sorted(set(settings) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"unknown {where} setting(s) {unknown}; known: "
-                             f"{sorted(self.defaults)}")
-        self.spec = {**self.defaults, **settings}
-        self.validate()
+        with arguments_of(type(self).__name__, self.where()):
+            unknown = sorted(set(settings) - set(self.defaults))
+            if unknown:
+                named = ", ".join(f"{{{k}}}" for k in unknown)
+                raise OptionError(f"unknown setting(s) {named}; the settings are "
+                                  f"{', '.join(sorted(self.defaults))}")
+            self.spec = {**self.defaults, **settings}
+            self.validate()
 
     @classmethod
     def where(cls) -> str:
@@ -119,7 +121,8 @@ class GroundTruth:
         return f"task.{cls.name}" if cls.scope == "task" else (cls.config_key or cls.name)
 
     def validate(self) -> None:
-        """Raises ``ValueError`` naming the key when a setting is out of range."""
+        """Raises :class:`~estimators.options.OptionError` naming the setting (its bare name:
+        construction adds the owner and the ``task.<name>`` or block prefix)."""
 
     def check(self, task: Task) -> None:
         """Raises ``ValueError`` when ``task`` cannot offer this ground truth."""

@@ -15,7 +15,7 @@ from torch import Tensor
 from bench import ground_truth as driver
 from bench.truths.base import GroundTruth, TruthContext, register_truth
 from bench.truths.retraining import RETRAIN_SEED_BASE, check_retrainable, fit_and_measure, stacked
-from estimators.options import bounded, number, positive
+from estimators.options import bounded, natural, positive
 from tasks.base import Task
 
 
@@ -31,11 +31,10 @@ class LDS(GroundTruth):
     defaults = {"subsets": 50, "fraction": 0.5, "seeds": 1, "seed": 0}
 
     def validate(self) -> None:
-        for key in ("subsets", "seeds", "seed"):
-            (positive if key != "seed" else number)(f"task.lds.{key}", self.spec[key],
-                                                     integer=True)
-        if not 0.0 < bounded("task.lds.fraction", self.spec["fraction"], 0.0, 1.0) < 1.0:
-            raise ValueError(f"task.lds.fraction must be in (0, 1), got {self.spec['fraction']}")
+        positive("subsets", self.spec["subsets"], integer=True)
+        positive("seeds", self.spec["seeds"], integer=True)
+        natural("seed", self.spec["seed"])
+        bounded("fraction", self.spec["fraction"], 0.0, 1.0, open_low=True, open_high=True)
 
     def check(self, task: Task) -> None:
         check_retrainable(task, "task.lds")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from bench import ground_truth as driver
 from bench.truths.base import GroundTruth, TruthContext, register_truth
 from bench.truths.retraining import RETRAIN_SEED_BASE, check_retrainable, fit_one, stacked
-from estimators.options import number, positive
+from estimators.options import natural, positive
 from tasks.base import Task
 
 
@@ -30,8 +30,8 @@ class LOO(GroundTruth):
     defaults = {"n": 50, "seed": 0}
 
     def validate(self) -> None:
-        positive("task.loo.n", self.spec["n"], integer=True)
-        number("task.loo.seed", self.spec["seed"], integer=True)
+        positive("n", self.spec["n"], integer=True)
+        natural("seed", self.spec["seed"])
 
     def check(self, task: Task) -> None:
         if not task.convex:

@@ -39,7 +39,7 @@ from bench import ground_truth as driver
 from bench.truths.base import GroundTruth, TruthContext, register_truth
 from estimators.explicit import functional_outputs
 from estimators.gradients import GradientEngine
-from estimators.options import bounded, number, positive
+from estimators.options import bounded, natural, positive
 from estimators.problem import AttributionProblem, Batch, move_to
 
 DEFAULTS = {
@@ -145,11 +145,11 @@ class PBRF(GroundTruth):
 
     def validate(self) -> None:
         for key in ("n", "max_iter", "history_size"):
-            positive(f"task.pbrf.{key}", self.spec[key], integer=True)
+            positive(key, self.spec[key], integer=True)
         for key in ("epsilon", "tolerance_grad"):
-            positive(f"task.pbrf.{key}", self.spec[key])
-        bounded("task.pbrf.damping", self.spec["damping"], 0.0)
-        number("task.pbrf.seed", self.spec["seed"], integer=True)
+            positive(key, self.spec[key])
+        bounded("damping", self.spec["damping"], 0.0)
+        natural("seed", self.spec["seed"])
 
     def plan(self, ctx: TruthContext) -> driver.Plan:
         gen = torch.Generator().manual_seed(int(self.spec["seed"]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bench.metrics.fact_tracing import proponents_truth
 from bench.truths.base import GroundTruth, TruthContext, register_truth
-from estimators.options import flag, number, positive
+from estimators.options import flag, natural, positive
 
 FACT_DEFAULTS = {"k": 10, "seed": 0, "tail_patch_k": None, "with_tail_patch": True}
 
@@ -27,11 +27,12 @@ class FactTracing(GroundTruth):
     sharded = False
 
     def validate(self) -> None:
-        positive("fact_metrics.k", self.spec["k"], integer=True)
-        positive("fact_metrics.tail_patch_k", self.spec["tail_patch_k"], integer=True,
-                 allow_none=True)
-        number("fact_metrics.seed", self.spec["seed"], integer=True)
-        flag("fact_metrics.with_tail_patch", self.spec["with_tail_patch"])
+        """Refuses a bad ``fact_metrics`` value, naming its key (in the caller's terms: the
+        kind's construction gives the error its owner and the ``fact_metrics`` prefix)."""
+        positive("k", self.spec["k"], integer=True)
+        positive("tail_patch_k", self.spec["tail_patch_k"], integer=True, allow_none=True)
+        natural("seed", self.spec["seed"])
+        flag("with_tail_patch", self.spec["with_tail_patch"])
 
 
 @register_truth

@@ -45,7 +45,7 @@ from bench import ground_truth as driver
 from bench.cache import content_hash
 from bench.truths.base import GroundTruth, TruthContext, register_truth
 from bench.truths.retraining import RETRAIN_SEED_BASE, check_retrainable, fit_and_measure, stacked
-from estimators.options import bounded, flag, number, positive
+from estimators.options import bounded, flag, natural, positive
 from tasks.base import Task
 
 
@@ -102,12 +102,11 @@ class Removal(GroundTruth):
                 "random_seed": 0}
 
     def validate(self) -> None:
-        flag("removal.enabled", self.spec["enabled"])
-        if not 0.0 < bounded("removal.fraction", self.spec["fraction"], 0.0, 1.0) < 1.0:
-            raise ValueError(f"removal.fraction must be in (0, 1), got {self.spec['fraction']}")
-        positive("removal.seeds", self.spec["seeds"], integer=True)
-        positive("removal.n_queries", self.spec["n_queries"], integer=True, allow_none=True)
-        number("removal.random_seed", self.spec["random_seed"], integer=True)
+        flag("enabled", self.spec["enabled"])
+        bounded("fraction", self.spec["fraction"], 0.0, 1.0, open_low=True, open_high=True)
+        positive("seeds", self.spec["seeds"], integer=True)
+        positive("n_queries", self.spec["n_queries"], integer=True, allow_none=True)
+        natural("random_seed", self.spec["random_seed"])
 
     def check(self, task: Task) -> None:
         if self.spec["enabled"]:

@@ -7,12 +7,14 @@ scheduler (``sacct``) at least every ``poll_s`` seconds so a cancelled or killed
 promptly, and ends with one summary: which jobs completed, which did not (SLURM state and
 the job's own error message, deduplicated), and how to resume (rerun the same command:
 trained models and ground-truth shards are cached, so only lost work is redone). The sweep
-exits with status 1 if any job failed.
+exits with status 1 if any job failed. Without ``sbatch`` on PATH it refuses before
+submitting anything (one sentence, exit 2).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,10 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     """``submitit_slurm`` with a full wait and a readable failure report."""
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        if shutil.which("sbatch") is None:  # before any job is submitted: one sentence, exit 2
+            raise ValueError("hydra/launcher=slurm submits jobs with sbatch, which is not on "
+                             "PATH here; run the sweep on a SLURM login node, or drop "
+                             "hydra/launcher=slurm to run it locally")
         jobs, labels = self._submit(job_overrides, initial_job_idx)
         log.info("Submitted %d SLURM job(s): %s", len(jobs), ", ".join(j.job_id for j in jobs))
         _wait_all(jobs)

@@ -97,5 +97,5 @@ def test_temp_files_of_dead_writers_are_swept(tmp_path):
     live.write_bytes(b"in progress")
     assert sweep_stale_temp_files(tmp_path) == 1
     assert not dead.exists() and live.exists()
-    assert load_checked(tmp_path / "a.pt", "k") == {"key": "k"}
+    assert load_checked(tmp_path / "a.pt", "k")["key"] == "k"
     assert load_checked(tmp_path / "a.pt", "other") is None  # foreign key: treated as corrupt

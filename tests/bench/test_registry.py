@@ -49,9 +49,12 @@ def test_a_clashing_metric_registration_is_refused():
 def test_ground_truth_settings_are_checked_on_construction():
     assert set(truth_kinds()) >= {"lds", "loo", "pbrf", "removal", "proponents", "tail_patch",
                                   "mislabel"}
-    with pytest.raises(ValueError, match=r"unknown task.lds setting\(s\) \['subset'\]"):
+    with pytest.raises(ValueError) as err:
         LDS(subset=3)
-    with pytest.raises(ValueError, match="task.lds.fraction must be in"):
+    assert str(err.value) == ("LDS: unknown setting(s) subset; the settings are fraction, seed, "
+                              "seeds, subsets")
+    assert err.value.in_config().startswith("unknown setting(s) task.lds.subset;")
+    with pytest.raises(ValueError, match=r"^LDS: fraction must be in \(0, 1\), got 1.5$"):
         LDS(fraction=1.5)
 
 

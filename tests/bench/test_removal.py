@@ -61,7 +61,7 @@ def test_removal_sets_are_the_top_k_and_random_sets_are_seeded():
     assert settings.size(100) == 1  # at least one example
     assert settings.size(1000) == 1 and removal.Removal(fraction=0.05).size(1000) == 50
     assert settings.queries(10).tolist() == [0, 1, 2]
-    with pytest.raises(ValueError, match="removal.fraction"):
+    with pytest.raises(ValueError, match=r"^Removal: fraction must be in \(0, 1\), got 0.0"):
         removal.Removal(fraction=0.0)
 
 

@@ -186,7 +186,7 @@ def test_fisher_options(tiny_mlp):
     with pytest.raises(ValueError, match="fisher must be"):
         EKFAC(fisher="sampled")
     problem_no_sampler = AttributionProblem(**{**vars(problem), "sample_targets": None})
-    with pytest.raises(ValueError, match="fisher=empirical"):
+    with pytest.raises(ValueError, match=r'use EKFAC\(fisher="empirical"\)'):
         EKFAC(fisher="true").fit(problem_no_sampler)
 
 

@@ -115,7 +115,7 @@ def test_full_trackstar_with_index_reuses_training_encodings(adam_problem, tmp_p
 
 def test_clear_errors(tiny_mlp):
     problem, _ = tiny_mlp  # trained with SGD: no Adam state
-    with pytest.raises(ValueError, match="optimizer_correction=false"):
+    with pytest.raises(ValueError, match=r"set TrackStar\(optimizer_correction=False\)"):
         TrackStar(projection_dim=16).score(problem)
     with pytest.raises(ValueError, match="max_hessian_dim"):
         TrackStar(**{**OFF, "hessian": "train", "max_hessian_dim": 10}).score(problem)

@@ -255,13 +255,14 @@ def test_hf_lm_end_to_end(make_cfg, tmp_path):
 
 
 def test_hf_lm_reports_bad_jsonl(tmp_path):
-    from tasks.hf_lm import read_jsonl
+    from tasks.hf_lm import CORPUS_FIELDS, QUERY_FIELDS, read_jsonl
 
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": "x"}])
-    with pytest.raises(ValueError, match="target"):
-        read_jsonl(tmp_path / "q.jsonl", ("prompt", "target"))
-    with pytest.raises(FileNotFoundError):
-        read_jsonl(tmp_path / "missing.jsonl", ("id", "text"))
+    with pytest.raises(ValueError, match=r"q.jsonl:1 lacks the field 'target'"):
+        read_jsonl(tmp_path / "q.jsonl", QUERY_FIELDS, "queries")
+    with pytest.raises(ValueError) as err:
+        read_jsonl(tmp_path / "missing.jsonl", CORPUS_FIELDS, "corpus")
+    assert err.value.in_config().startswith(f"corpus={tmp_path / 'missing.jsonl'} does not")
 
 
 def test_facts_export_reloads_as_hf_lm(tiny_facts, tmp_path):
