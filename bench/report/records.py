@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bench.metrics import is_cost, is_headline
+from bench.metrics.registry import role_of
 from bench.report import tables as render
 
 # Per-query columns named differently from their record key.
@@ -149,11 +150,13 @@ def query_values(per_query: pd.DataFrame | None, metric: str) -> np.ndarray | No
 
 def metric_names(runs: list[Run]) -> list[str]:
     """Metrics present in the records: accuracy (the headline metrics and every key with
-    per-query values) and costs (``seconds`` = fit + score, every ``*_mb`` memory key)."""
+    per-query values but an ``info`` one, e.g. the noise ceiling) and costs (``seconds`` =
+    fit + score, every ``*_mb`` memory key)."""
     found = set()
     for run in runs:
         found |= {k for k, v in run.record.items() if isinstance(v, int | float | None) and (
-            is_headline(k) or is_cost(k) or query_values(run.per_query, k) is not None)}
+            is_headline(k) or is_cost(k) or (query_values(run.per_query, k) is not None
+                                             and role_of(k) != "info"))}
         if "fit_seconds" in run.record and "score_seconds" in run.record:
             found.add("seconds")
     return render.metric_order(found - {"seed"})
