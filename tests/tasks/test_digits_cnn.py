@@ -3,13 +3,17 @@ through the harness with LDS (and its noise ceiling) and PBRF."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from bench import ground_truth as gt
 from bench.cli import run
 from estimators.gradients import GradientEngine
 from tasks.digits_cnn import DigitsCNN
+from tests.helpers import ground_truth_of
 
 
 class DigitsCNN64(DigitsCNN):
@@ -56,3 +60,18 @@ def test_a_run_has_lds_with_its_ceiling_and_pbrf(make_cfg):
     record = run(make_cfg("digits_cnn", "estimator=ekfac", "task.lds.seeds=2"))
     assert -1 <= record["lds"] <= 1 and record["lds_ceiling"] is not None
     assert record["pbrf_pearson"] > 0.3  # EK-FAC follows the proximal response
+
+
+def test_lds_agrees_between_vectorised_and_sequential_retraining(make_cfg, tmp_path):
+    records, outputs = {}, {}
+    for vectorise in (True, False):
+        cfg = make_cfg("digits_cnn", "estimator=grad_dot", "task.pbrf=null",
+                       f"cache_dir={tmp_path / f'cache-{vectorise}'}",
+                       f"ground_truth.vectorise={vectorise}")
+        records[vectorise] = run(cfg)
+        ctx, kind, plan = ground_truth_of(cfg, "lds")
+        outputs[vectorise] = kind.assemble(ctx, plan, gt.join(plan, Path(cfg.cache_dir), 1))[
+            "outputs"]
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-3, rtol=0)
+    sem = max(records[True]["lds_sem"], records[False]["lds_sem"])
+    assert abs(records[True]["lds"] - records[False]["lds"]) <= sem
