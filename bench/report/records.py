@@ -148,6 +148,11 @@ def query_values(per_query: pd.DataFrame | None, metric: str) -> np.ndarray | No
     return None
 
 
+def _is_info(key: str) -> bool:
+    """Whether ``key`` (or the metric of its ``{group}_`` variant) is an ``info`` metric."""
+    return role_of(key) == "info" or ("_" in key and role_of(key.split("_", 1)[1]) == "info")
+
+
 def metric_names(runs: list[Run]) -> list[str]:
     """Metrics present in the records: accuracy (the headline metrics and every key with
     per-query values but an ``info`` one, e.g. the noise ceiling) and costs (``seconds`` =
@@ -156,7 +161,7 @@ def metric_names(runs: list[Run]) -> list[str]:
     for run in runs:
         found |= {k for k, v in run.record.items() if isinstance(v, int | float | None) and (
             is_headline(k) or is_cost(k) or (query_values(run.per_query, k) is not None
-                                             and role_of(k) != "info"))}
+                                             and not _is_info(k)))}
         if "fit_seconds" in run.record and "score_seconds" in run.record:
             found.add("seconds")
     return render.metric_order(found - {"seed"})

@@ -215,3 +215,21 @@ def test_archive_copies_records_and_rebuilds_identically(records, tmp_path, monk
     assert (tmp_path / "c" / "leaderboard.csv").read_bytes() == (
         tmp_path / "a" / "leaderboard.csv").read_bytes()
     assert (tmp_path / "c" / "LEADERBOARD.md").read_text().replace("--out c", "--out b") == built
+
+
+def test_noise_ceilings_are_a_row_not_a_column():
+    """``lds_ceiling`` has per-query values (so query groups get their own), but it and its
+    ``flipped_`` variant are ``info`` metrics: no accuracy column."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from bench.report.records import Run, metric_names
+
+    per_query = pd.DataFrame({"query": [0, 1, 2, 3], "query_set": ["forward"] * 2 + ["flipped"] * 2,
+                              "lds": [0.1, 0.2, 0.3, 0.4], "lds_ceiling": [0.5, 0.6, 0.7, 0.8]})
+    record = {"task": "t", "estimator": "e", "seed": 0, "lds": 0.15, "flipped_lds": 0.35,
+              "lds_ceiling": 0.55, "flipped_lds_ceiling": 0.75}
+    names = metric_names([Run(Path("."), record, per_query)])
+    assert "lds" in names and "flipped_lds" in names
+    assert "lds_ceiling" not in names and "flipped_lds_ceiling" not in names
