@@ -1,12 +1,18 @@
-"""The shared per-example-gradient engine: hooks on linear layers.
+"""The shared per-example-gradient engine: hooks on linear and convolutional layers.
 
 Every gradient estimator gets its gradients here and nowhere else. A forward hook on each
-tracked layer (``nn.Linear`` and transformers' ``Conv1D``) keeps the layer's input ``a`` and
-its output; one ``torch.autograd.grad`` of the summed per-example values then gives the
-output gradient ``g`` for every example at once, without touching ``param.grad``. A layer's
-per-example gradient is ``Σ_t g_t ā_tᵀ`` (``ā`` = input with a homogeneous 1 for the bias,
-Grosse et al. 2023 §3.1), laid out as ``[d_out, d_in (+1)]``; the tracked layers' parameters
-are the θ every estimator attributes through.
+tracked layer (``nn.Linear``, transformers' ``Conv1D`` and ``nn.Conv2d``) keeps the layer's
+input ``a`` and its output; one ``torch.autograd.grad`` of the summed per-example values then
+gives the output gradient ``g`` for every example at once, without touching ``param.grad``.
+A layer's per-example gradient is ``Σ_t g_t ā_tᵀ`` (``ā`` = input with a homogeneous 1 for the
+bias, Grosse et al. 2023 §3.1), laid out as ``[d_out, d_in (+1)]``; the tracked layers'
+parameters are the θ every estimator attributes through.
+
+A ``Conv2d`` layer is a linear map of its unfolded input patches (Grosse & Martens 2016,
+"KFC"; as kronfluence): ``t`` runs over the output positions, ``a_t`` is the patch
+``[C_in·kh·kw (+1)]`` seen at position t and ``g_t`` the output gradient ``[C_out]`` there,
+so the weight ``[C_out, C_in, kh, kw]`` is laid out as ``[C_out, C_in·kh·kw (+1)]``. Stride,
+padding (any ``padding_mode``), dilation and bias are supported; ``groups > 1`` is refused.
 
 Memory: a chunk of ``B`` examples holds ``B × P`` gradient entries; training sets are
 streamed chunk by chunk (:meth:`GradientEngine.stream`), never held whole.
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
 from tqdm.auto import tqdm
 
 from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
@@ -40,7 +47,11 @@ def _conv1d_type() -> type | None:
 
 @dataclass(frozen=True)
 class Layer:
-    """A tracked layer and how its ``[d_out, d_in(+1)]`` layout maps to its parameters."""
+    """A tracked layer and how its ``[d_out, d_in(+1)]`` layout maps to its parameters.
+
+    ``nn.Linear`` ``[d_out, d_in]``; transformers' ``Conv1D`` (``transposed``: its weight is
+    ``[d_in, d_out]``); ``nn.Conv2d`` ``[C_out, C_in, kh, kw]`` -> ``[C_out, C_in·kh·kw]``.
+    """
 
     name: str
     module: nn.Module
@@ -51,30 +62,64 @@ class Layer:
         return getattr(self.module, "bias", None) is not None
 
     @property
+    def is_conv2d(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
     def shape(self) -> tuple[int, int]:
         weight = self.module.weight
-        d_out, d_in = weight.shape[::-1] if self.transposed else weight.shape
+        d_in, d_out = weight.shape if self.transposed else (weight[0].numel(), weight.shape[0])
         return d_out, d_in + int(self.has_bias)
 
     def matrix(self) -> Tensor:
         """The layer's parameters as one ``[d_out, d_in(+1)]`` matrix."""
-        w = self.module.weight.T if self.transposed else self.module.weight
-        return torch.cat([w, self.module.bias[:, None]], dim=1) if self.has_bias else w
+        return self.join(self.module.weight, self.module.bias)
+
+    def join(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Tensors shaped like the layer's weight and bias (its parameters, or e.g. Adam's
+        moments of them) as one ``[d_out, d_in(+1)]`` matrix; the inverse of :meth:`split`."""
+        w = weight.T if self.transposed else weight.reshape(weight.shape[0], -1)
+        return torch.cat([w, bias[:, None]], dim=1) if self.has_bias else w
 
     def split(self, matrix: Tensor) -> dict[str, Tensor]:
         """Splits a ``[..., d_out, d_in(+1)]`` matrix into ``{weight, bias}`` as the params."""
         w = matrix[..., :-1] if self.has_bias else matrix
-        out = {"weight": w.transpose(-1, -2) if self.transposed else w}
+        if self.transposed:
+            w = w.transpose(-1, -2)
+        elif self.is_conv2d:
+            w = w.reshape(*w.shape[:-1], *self.module.weight.shape[1:])
+        out = {"weight": w}
         if self.has_bias:
             out["bias"] = matrix[..., -1]
         return out
 
+    def inputs(self, x: Tensor, batch: int) -> Tensor:
+        """The layer's input as ``[B, T, d_in]``: tokens (or one row) of a linear layer, the
+        unfolded patches of a convolution (T = output positions)."""
+        if not self.is_conv2d:
+            return x.reshape(batch, -1, x.shape[-1])
+        conv, padding = self.module, self.module.padding
+        if conv.padding_mode != "zeros" or isinstance(padding, str):  # pad as Conv2d does
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
+                           stride=conv.stride)  # [B, C_in·kh·kw, T]
+        return patches.transpose(1, 2)
+
+    def output_grads(self, g: Tensor, batch: int) -> Tensor:
+        """The gradient of the layer's output as ``[B, T, d_out]`` (convolution: ``[B, C_out,
+        H', W']`` -> positions × channels)."""
+        if self.is_conv2d:
+            return g.reshape(batch, g.shape[1], -1).transpose(1, 2)
+        return g.reshape(batch, -1, g.shape[-1])
+
 
 def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
-    """The linear layers of ``model`` whose parameters are attributed through.
+    """The linear and convolutional layers of ``model`` whose parameters are attributed
+    through (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d`` with ``groups=1``).
 
     Args:
-        modules: ``None`` or ``"all"`` for every linear layer, ``"mlp_only"`` for the MLP
+        modules: ``None`` or ``"all"`` for every such layer, ``"mlp_only"`` for the MLP
             blocks of a transformer (Grosse et al. 2023 attribute through MLP layers only),
             or a regular expression searched in the module's qualified name.
     """
@@ -82,20 +127,27 @@ def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
     conv1d = _conv1d_type()
     layers = []
     for name, module in model.named_modules():
-        is_linear = isinstance(module, nn.Linear)
         is_conv1d = conv1d is not None and isinstance(module, conv1d)
-        if (is_linear or is_conv1d) and (pattern is None or re.search(pattern, name)):
-            layers.append(Layer(name, module, transposed=is_conv1d))
+        tracked = isinstance(module, nn.Linear | nn.Conv2d) or is_conv1d
+        if not tracked or (pattern is not None and not re.search(pattern, name)):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(
+                f"Conv2d layer '{name}' has groups={module.groups}, but the gradient engine "
+                "tracks convolutions with groups=1 only; leave it out with a `modules` regular "
+                "expression that does not match it.")
+        layers.append(Layer(name, module, transposed=is_conv1d))
     if not layers:
         raise ValueError(
-            f"No linear layer of {type(model).__name__} matches modules={modules!r}; use "
-            "'all', 'mlp_only' or a regular expression that matches some nn.Linear/Conv1D names."
+            f"No linear or convolutional layer of {type(model).__name__} matches modules="
+            f"{modules!r}; use 'all', 'mlp_only' or a regular expression that matches some "
+            "nn.Linear/Conv1D/Conv2d names."
         )
     return layers
 
 
 class GradientEngine:
-    """Per-example gradients (and K-FAC statistics) of a model's tracked linear layers.
+    """Per-example gradients (and K-FAC statistics) of a model's tracked layers.
 
     Args:
         model: the model; its tracked parameters must require grad.
@@ -137,8 +189,9 @@ class GradientEngine:
 
         Returns:
             ``{layer: (a, g)}`` with ``a`` ``[B, T, d_in(+1)]`` (homogeneous 1 appended when the
-            layer has a bias) and ``g`` ``[B, T, d_out]``; ``T`` is 1 for non-sequence inputs and
-            counts every call of a layer that is used more than once.
+            layer has a bias) and ``g`` ``[B, T, d_out]``; ``T`` is 1 for non-sequence inputs, the
+            tokens of a sequence, the output positions of a convolution (``a``: its unfolded
+            patches), and counts every call of a layer that is used more than once.
         """
         with self._hooks() as seen:
             values = fn(self.model, batch)
@@ -155,11 +208,11 @@ class GradientEngine:
                 g = next(grads)
                 g = torch.zeros_like(out) if g is None else g
                 b = values.shape[0]
-                a = a.reshape(b, -1, a.shape[-1])
+                a = layer.inputs(a, b)
                 if layer.has_bias:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 a_list.append(a)
-                g_list.append(g.detach().reshape(b, -1, g.shape[-1]))
+                g_list.append(layer.output_grads(g.detach(), b))
             captured[layer.name] = (torch.cat(a_list, dim=1), torch.cat(g_list, dim=1))
         return captured
 

@@ -95,11 +95,8 @@ class TrackStar(GradientEstimator):
         v = adam["exp_avg_sq"]
         scales = {}
         for layer in engine.layers:
-            weight = v[f"{layer.name}.weight"]
-            parts = [weight.T if layer.transposed else weight]
-            if layer.has_bias:
-                parts.append(v[f"{layer.name}.bias"][:, None])
-            v_hat = torch.cat(parts, dim=1).to(problem.device) / bias
+            v_hat = layer.join(v[f"{layer.name}.weight"], v.get(f"{layer.name}.bias"))
+            v_hat = v_hat.to(problem.device) / bias
             scales[layer.name] = (v_hat + self.epsilon).rsqrt()
 
         def correct(grads: LayerGrads) -> LayerGrads:

@@ -3,8 +3,11 @@
 A generated fact world (:mod:`tasks.fact_world`, fixed by ``split_seed``) gives the
 training corpus and two query sets: forward cloze queries ("The employer of Dravin Korlath
 is" → "Helix") and the same facts flipped (object first, the subject as target). Each query
-knows its **proponents**, the documents that state its fact; they are the ground truth
-(``bench.fact_metrics``: MRR, recall@k, tail-patch), so the task offers no LOO or LDS.
+knows its **proponents**, the documents that state its fact; they are its ground truth
+(``bench.fact_metrics``: MRR, recall@k, tail-patch). With ``task.lds`` set the LM is also
+retrained on random document subsets (the LDS of Park et al. 2023; one Lightning fit per
+model, so the units run as ``stage=ground_truth`` shards; ``facts_lds`` is a world and model
+small enough for 2 CPU cores). Not convex, so no LOO.
 
 The model is a transformers Llama (or GPT-NeoX) causal LM, a few layers of width ~128,
 trained from scratch with Lightning and AdamW on the token-averaged NLL; its word-level
@@ -74,8 +77,8 @@ class Facts(lm.LMTask):
         max_length: tokens per document or query (longer ones are cut).
         tail_patch_lr: learning rate of the tail-patch step (None: the peak training lr).
         export_dir: where to save model, tokenizer and jsonl files (None: nowhere).
-        **task: ``split_seed`` (the world's seed), ``lds``, ``loo`` (both must stay null),
-            ``device``.
+        **task: ``split_seed`` (the world's seed), ``lds`` (retraining on document subsets;
+            None: none), ``loo`` (must stay null), ``device``.
     """
 
     VERSION = 2  # 2: flipped prompts no longer end in a training context of the subject
@@ -84,9 +87,9 @@ class Facts(lm.LMTask):
                  train: dict | None = None, max_length: int = 64,
                  tail_patch_lr: float | None = None, export_dir: str | None = None, **task):
         super().__init__(**task)
-        if {"lds", "loo"} & set(self.truths):
-            raise OptionError("facts has proponents as its ground truth, not LDS or LOO; set "
-                              "{lds=null} and {loo=null}.")
+        if "loo" in self.truths:
+            raise OptionError("facts has no leave-one-out ground truth (its model is not "
+                              "convex); set {loo=null} and use {lds} for retraining")
         self.world_cfg = dict(world or {})
         self.model_cfg = {"arch": "llama", "layers": 2, "width": 128, "heads": 4,
                           "intermediate": 256, **(model or {})}

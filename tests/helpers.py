@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,34 @@ from bench.cli import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def generated_images(path: Path, n_train: int = 60, n_test: int = 12, size: int = 16,
+                     n_classes: int = 3, seed: int = 0) -> Path:
+    """Writes an ``.npz`` of generated RGB images (``x_train [n, size, size, 3]`` uint8,
+    ``y_train``, ``x_test``, ``y_test``): class c brightens band c of the rows, plus noise, so
+    a CNN learns it in a few epochs. Written atomically; an existing file is kept."""
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % n_classes
+        x = rng.normal(96, 30, (n, size, size, 3))
+        band = size // n_classes
+        for i, c in enumerate(y):
+            x[i, c * band:(c + 1) * band, :, c % 3] += 100
+        return np.clip(x, 0, 255).astype(np.uint8), y
+
+    (x_train, y_train), (x_test, y_test) = draw(n_train), draw(n_test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    os.replace(tmp, path)
+    return path
+
+
+TINY_IMAGES = generated_images(Path(tempfile.gettempdir()) / "tda-bench-tests" / "images-v1.npz")
+
 # Overrides that shrink each task so a whole run takes a few seconds.
 TINY = {
     "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
@@ -34,11 +63,21 @@ TINY = {
                          "task.lds.subsets=8", "task.lds.seeds=1"],
     "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
                       "task.loo.n=10", "task.pbrf.n=4"],
+    "digits_cnn": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
+                   "task.lds.subsets=8", "task.pbrf.n=4"],
+    "regression": ["task.n_train=80", "task.n_queries=10", "task.epochs=10",
+                   "task.lds.subsets=8", "task.pbrf.n=4"],
+    "regression_linear": ["task.n_train=80", "task.n_queries=10", "task.lds.subsets=8",
+                          "task.loo.n=10", "task.pbrf.n=4"],
+    "images": [f"task.data={TINY_IMAGES}", "task.n_train=40", "task.n_queries=8",
+               "task.model=small_cnn", "task.channels=[4,8]", "task.batch_size=16",
+               "task.epochs=3", "task.lds.subsets=8"],
     "facts": ["task.world.n_entities=12", "task.world.n_prior_docs=4", "task.world.n_queries=6",
               "task.model.layers=1", "task.model.width=32", "task.model.heads=2",
               "task.model.intermediate=64", "task.train.epochs=2", "num_threads=1",
               "fact_metrics.k=3"],
 }
+TINY["facts_lds"] = [*TINY["facts"], "task.lds.subsets=4"]
 
 
 @functools.cache

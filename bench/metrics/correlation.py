@@ -3,7 +3,8 @@
 * ``lds`` (Park et al. 2023; truth :mod:`bench.truths.lds`): for query q, the Spearman
   correlation over subsets j between the additive prediction Σ_{m∈S_j} score(q, m) and the
   seed-averaged measurement f(z_q; θ_{S_j}); the mean over queries with its standard error
-  (``lds_sem``). ``lds_ceiling``: the noise ceiling of that truth (:func:`lds_ceiling`).
+  (``lds_sem``). ``lds_ceiling``: the noise ceiling of that truth over the same queries
+  (:func:`lds_ceiling_per_query`).
 * ``loo_pearson``, ``loo_spearman`` (truth :mod:`bench.truths.loo`): for query q, the
   correlations over the removed points m between score(q, m) and f(θ) − f(θ₋ₘ).
 * ``pbrf_pearson``, ``pbrf_spearman`` (Grosse et al. 2023 §2.2; truth
@@ -66,26 +67,34 @@ def loo_per_query(scores: torch.Tensor, indices: torch.Tensor,
     return _columnwise(predicted, actual, "pearson"), _columnwise(predicted, actual, "spearman")
 
 
-def lds_ceiling(values: torch.Tensor) -> float | None:
-    """The LDS noise ceiling: split-half agreement of the ground truth between its seeds.
+def lds_ceiling_per_query(values: torch.Tensor) -> np.ndarray | None:
+    """The LDS noise ceiling of each query: split-half agreement of the ground truth between
+    its seeds.
 
     The K retraining seeds are split into halves (first ⌊K/2⌋, rest); for each query, the
-    Spearman correlation over subsets between the two halves' mean measurements; the mean
-    over queries. It measures how reproducible the ground truth is, r; the LDS uses the
-    mean of all K seeds, which is less noisy, so an estimator that predicted the expected
-    measurement exactly would reach about √(2r/(1 + r)) (Spearman-Brown), above r itself.
+    Spearman correlation over subsets between the two halves' mean measurements. Its mean
+    over queries (:func:`lds_ceiling`) measures how reproducible the ground truth is, r; the
+    LDS uses the mean of all K seeds, which is less noisy, so an estimator that predicted
+    the expected measurement exactly would reach about √(2r/(1 + r)) (Spearman-Brown), above
+    r itself. Per query, so that query groups (forward and flipped facts) get their own.
 
     Args:
         values: ``[M, K, Q]`` per-subset, per-seed measurements.
 
     Returns:
-        the mean split-half Spearman correlation, or None when K < 2.
+        ``[Q]`` split-half Spearman correlations, or None when K < 2.
     """
     if values.dim() != 3 or values.shape[1] < 2:
         return None
     half = values.shape[1] // 2
     first, second = values[:, :half].double().mean(1), values[:, half:].double().mean(1)
-    return mean_sem(_columnwise(first.numpy(), second.numpy(), "spearman"))[0]
+    return _columnwise(first.numpy(), second.numpy(), "spearman")
+
+
+def lds_ceiling(values: torch.Tensor) -> float | None:
+    """The mean over queries of :func:`lds_ceiling_per_query` (None when K < 2)."""
+    per_query = lds_ceiling_per_query(values)
+    return None if per_query is None else mean_sem(per_query)[0]
 
 
 def _effects(kind: str):
@@ -101,8 +110,9 @@ register_metric(Metric(
     doc="linear datamodeling score: per-query Spearman over retrained subsets, averaged"))
 register_metric(Metric(
     "lds_ceiling", needs="lds", role="info", order=12, printed=False,
-    values=lambda scores, t: lds_ceiling(t["values"]) if "values" in t else None,
-    doc="split-half agreement of the LDS ground truth between its retraining seeds"))
+    values=lambda scores, t: lds_ceiling_per_query(t["values"]) if "values" in t else None,
+    doc="split-half agreement of the LDS ground truth between its retraining seeds (over "
+        "the same queries as lds)"))
 for _truth, _order in (("loo", 20), ("pbrf", 30)):
     for _i, _kind in enumerate(("pearson", "spearman")):
         register_metric(Metric(

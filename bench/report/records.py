@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bench.metrics import baseline_of, is_cost, is_headline
+from bench.metrics.registry import role_of
 from bench.report import tables as render
 
 # Per-query columns named differently from their record key.
@@ -195,14 +196,20 @@ def query_values(per_query: pd.DataFrame | None, metric: str) -> np.ndarray | No
     return None
 
 
+def _is_info(key: str) -> bool:
+    """Whether ``key`` (or the metric of its ``{group}_`` variant) is an ``info`` metric."""
+    return role_of(key) == "info" or ("_" in key and role_of(key.split("_", 1)[1]) == "info")
+
+
 def metric_names(runs: list[Run]) -> list[str]:
     """Metrics present in the records: accuracy (the headline metrics and every key with
-    per-query values) and costs (``seconds`` = fit + score, every ``*_mb`` memory key)."""
+    per-query values but an ``info`` one, e.g. the noise ceiling) and costs (``seconds`` =
+    fit + score, every ``*_mb`` memory key)."""
     found = set()
     for run in runs:
         found |= {k for k, v in run.record.items() if isinstance(v, int | float | None) and (
             is_headline(k) or is_cost(k) or is_headline((baseline_of(k) or ("", ""))[1])
-            or query_values(run.per_query, k) is not None)}
+            or (query_values(run.per_query, k) is not None and not _is_info(k)))}
         if "fit_seconds" in run.record and "score_seconds" in run.record:
             found.add("seconds")
     return render.metric_order(found - {"seed"})

@@ -109,7 +109,7 @@ def test_module_filter_regex_and_clear_error():
     model = tiny_gpt2()
     assert [layer.name for layer in tracked_layers(model, r"attn\.c_attn")] == [
         "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    with pytest.raises(ValueError, match="No linear layer"):
+    with pytest.raises(ValueError, match="No linear or convolutional layer"):
         tracked_layers(model, "no_such_layer")
 
 

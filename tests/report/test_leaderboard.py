@@ -240,3 +240,21 @@ def test_estimator_independent_baselines_are_rows_and_diagnostics_a_table_of_the
     headline, diagnostics = text.split("## t", 1)[1].split("Diagnostics:", 1)
     assert "| *random ranking* |" in headline and "tail_patch ↑" in headline
     assert "proponent_share ↑" in diagnostics and "proponent_share" not in headline
+
+
+def test_noise_ceilings_are_a_row_not_a_column():
+    """``lds_ceiling`` has per-query values (so query groups get their own), but it and its
+    ``flipped_`` variant are ``info`` metrics: no accuracy column."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from bench.report.records import Run, metric_names
+
+    per_query = pd.DataFrame({"query": [0, 1, 2, 3], "query_set": ["forward"] * 2 + ["flipped"] * 2,
+                              "lds": [0.1, 0.2, 0.3, 0.4], "lds_ceiling": [0.5, 0.6, 0.7, 0.8]})
+    record = {"task": "t", "estimator": "e", "seed": 0, "lds": 0.15, "flipped_lds": 0.35,
+              "lds_ceiling": 0.55, "flipped_lds_ceiling": 0.75}
+    names = metric_names([Run(Path("."), record, per_query)])
+    assert "lds" in names and "flipped_lds" in names
+    assert "lds_ceiling" not in names and "flipped_lds_ceiling" not in names
