@@ -87,9 +87,6 @@ class Facts(lm.LMTask):
                  train: dict | None = None, max_length: int = 64,
                  tail_patch_lr: float | None = None, export_dir: str | None = None, **task):
         super().__init__(**task)
-        if "loo" in self.truths:
-            raise OptionError("facts has no leave-one-out ground truth (its model is not "
-                              "convex); set {loo=null} and use {lds} for retraining")
         self.world_cfg = dict(world or {})
         self.model_cfg = {"arch": "llama", "layers": 2, "width": 128, "heads": 4,
                           "intermediate": 256, **(model or {})}
