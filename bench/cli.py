@@ -4,8 +4,10 @@
                  └► ground truth (cached, sharded) ─────────────────► metrics ──► records, W&B
 
 The run is a sequence of named stages (:mod:`bench.stages`). ``stage=ground_truth`` computes
-one ground-truth shard and stops (for fan-out as jobs); ``stage=all`` (default) runs the whole
-benchmark. User errors end in one sentence and exit 2.
+one ground-truth shard and stops (for fan-out as jobs), ``stage=factors`` one shard of the
+estimator's fit passes, ``stage=score`` one shard of the scores; ``stage=merge`` joins score
+shards and finishes the job; ``stage=all`` (default) runs the whole benchmark.
+User errors end in one sentence and exit 2.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench import stages
 from bench.ground_truth import GroundTruthMissing
 from bench.metrics import is_printed
 from bench.record import provenance, write_layer_scores, write_records
+from estimators.base import Estimator
 
 log = logging.getLogger("tda-bench")
 
@@ -42,6 +45,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job = stages.resolve(cfg)
     if cfg.stage == "ground_truth":
         return {"stage": "ground_truth", "shards": list(map(str, stages.ground_truth_shards(job)))}
+    if cfg.stage in ("factors", "score"):  # one shard of the fit passes, or of the scores
+        stages.model(job)
+        if cfg.stage == "factors":
+            if type(job.estimator).fit_passes is Estimator.fit_passes:
+                raise ValueError(f"stage=factors shards the fit passes of kfac and ekfac; "
+                                 f"{cfg.estimator_name} has none to shard (run stage=score).")
+            return {"stage": "factors",
+                    "shards": list(map(str, stages.fit(job, int(cfg.factors.shard))))}
+        stages.fit(job)
+        return {"stage": "score", "shards": [str(stages.score_shard(job))]}
     stages.ground_truth(job, "task")
     stages.model(job)
     stages.ground_truth(job, "model")

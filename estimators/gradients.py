@@ -70,14 +70,31 @@ class Layer:
         return out
 
 
+def blocks_pattern(model: nn.Module) -> str:
+    """A regex of the modules inside the model's stack of transformer blocks: its longest
+    ``nn.ModuleList`` (``transformer.h``, ``model.layers``, ``gpt_neox.layers``, ...), so
+    that embeddings, the final norm and the lm_head are left out (as Grosse et al. 2023)."""
+    stacks = [(len(m), name) for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not stacks:
+        raise ValueError(f"modules=blocks needs a model whose transformer blocks are an "
+                         f"nn.ModuleList, and {type(model).__name__} has none; use "
+                         "modules=all or a regular expression over linear-layer names.")
+    prefix = max(stacks)[1]
+    return rf"^{re.escape(prefix)}\.\d+\." if prefix else r"^\d+\."
+
+
 def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
     """The linear layers of ``model`` whose parameters are attributed through.
 
     Args:
-        modules: ``None`` or ``"all"`` for every linear layer, ``"mlp_only"`` for the MLP
+        modules: ``None`` or ``"all"`` for every linear layer, ``"blocks"`` for those inside
+            the transformer blocks (:func:`blocks_pattern`), ``"mlp_only"`` for the MLP
             blocks of a transformer (Grosse et al. 2023 attribute through MLP layers only),
             or a regular expression searched in the module's qualified name.
     """
+    if modules == "blocks":
+        modules = blocks_pattern(model)
     pattern = MODULE_FILTERS.get(modules or "all", modules)
     conv1d = _conv1d_type()
     layers = []
@@ -89,7 +106,8 @@ def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
     if not layers:
         raise ValueError(
             f"No linear layer of {type(model).__name__} matches modules={modules!r}; use "
-            "'all', 'mlp_only' or a regular expression that matches some nn.Linear/Conv1D names."
+            "'all', 'blocks', 'mlp_only' or a regular expression that matches some "
+            "nn.Linear/Conv1D names."
         )
     return layers
 

@@ -39,6 +39,9 @@ class Task(ABC):
             is well defined (the ``loo`` ground truth refuses other tasks).
         retrainable: whether :meth:`fit` can train the model on a subset of the training
             set (the retraining ground truths, ``lds`` and ``loo``, refuse other tasks).
+        trains: whether :meth:`fit` trains the model at all; a task whose model is given
+            (``hf_lm``) returns its weights, is never cached as a trained model, and names
+            the model and data by content in :meth:`identity`.
 
     Args:
         split_seed: seed of the train/query split.
@@ -51,6 +54,7 @@ class Task(ABC):
     VERSION = 1
     convex = False
     retrainable = True
+    trains = True
 
     def __init__(self, split_seed: int = 0, device: str = "cpu", **truths: dict | None):
         self.split_seed = int(split_seed)
@@ -85,6 +89,13 @@ class Task(ABC):
         Returns:
             the checkpoints recorded during training, the final one last.
         """
+
+    def identity(self) -> dict | None:
+        """What determines the model and the training data beyond the task's config (e.g.
+        hashes of the files of a given model), or None when the config determines them. It
+        replaces the config in the model's cache key, which keys the factor and gradient
+        caches."""
+        return None
 
     def fit_many(self, seeds: list[int], subsets: list[Tensor],
                  progress: bool = False) -> Tensor | None:
