@@ -267,6 +267,7 @@ def main() -> None:
     parser.add_argument("--sweep-queries", type=int, nargs="+", default=[25, 50])
     parser.add_argument("--sweep-docs", type=int, nargs="+", default=[75])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--commit", default="", help="the commit measured (for the table)")
     parser.add_argument("--kronfluence-child", action="store_true")
     parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out-dir")
     parser.add_argument("--fit-batch", type=int, default=8)
@@ -302,19 +303,24 @@ def main() -> None:
 
     plan = [(m, e, main_data) for m in args.models for e in args.estimators
             if not (m == "llama" and e not in ("ekfac r=32",))]
+    plan.sort(key=lambda p: p[1] == "ekfac")  # the slowest (exact ekfac) last
     if args.sweep:
         for q in args.sweep_queries:
             plan.append(("gpt2", "ekfac r=32", work / f"data-{args.docs}x{q}"))
         for n in args.sweep_docs:
             plan.append(("gpt2", "ekfac r=32", work / f"data-{n}x{args.queries}"))
-    for model, label, data in plan:
-        if model == "llama" and args.kronfluence and not have("llama", "kronfluence ekfac r=32",
-                                                              main_data):
+    def kronfluence() -> None:
+        if args.kronfluence and not have("llama", "kronfluence ekfac r=32", main_data):
             record(kronfluence_run(args, work, main_data))
+
+    for model, label, data in plan:
+        if label == "ekfac" or data != main_data:  # after the runs the checks need
+            kronfluence()
         if not have(model, label, data):
             docs, queries = (int(x) for x in data.name.split("-")[1].split("x"))
             build_data(data, docs, queries, *sizes)
             record(bench_run(args, work, model, label, data, []))
+    kronfluence()
 
 
 def _rate(tokens: float, seconds: float | None) -> str:
@@ -334,7 +340,7 @@ def write_section(args, rows: list[dict], out: Path) -> None:
         f"{args.query_tokens} tokens, random-init models saved locally (120-token vocabulary), "
         f"`task=hf_lm` with defaults (no memory flag), {args.threads} threads; peak RSS of the "
         "whole process; tokens/s = training tokens / stage seconds. Load average at the start "
-        "of each run in the last column.", "",
+        f"of each run in the last column. Commit {args.commit or 'unknown'}.", "",
         "| model | estimator | fit s | fit tokens/s | score s | score tokens/s | "
         "(fit+score) tokens/s | peak RSS MB | budget MB | load |",
         "|---|---|---|---|---|---|---|---|---|---|"]
