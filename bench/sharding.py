@@ -38,6 +38,7 @@ from bench.ground_truth import (
     load_or_compute,
     missing_shards,
 )
+from estimators.base import Estimator
 
 log = logging.getLogger("tda-bench")
 
@@ -82,6 +83,9 @@ def fit(job, shard: int | None = None) -> list[Path]:
     and no split is in the cache, else through the driver; with ``shard`` (stage=factors),
     that shard of every pass first. Returns the shard files written or read."""
     cfg, estimator, problem = job.cfg, job.estimator, job.problem
+    if type(estimator).fit_passes is Estimator.fit_passes:  # a fit that does not shard
+        estimator.fit(problem)
+        return []
     options = GroundTruthOptions(shard=int(cfg.factors.shard),
                                  num_shards=int(cfg.factors.num_shards),
                                  num_threads=_threads(cfg))

@@ -305,6 +305,8 @@ class GradientEstimator(Estimator):
         return scores
 
     def score_columns(self, problem: AttributionProblem, columns: Tensor) -> Tensor:
+        if type(self).score is not GradientEstimator.score:  # its own score: all, sliced
+            return super().score_columns(problem, columns)
         return self.score_model(problem, columns=columns)
 
     def score_model(self, problem: AttributionProblem, offset: int = 0,
@@ -315,6 +317,7 @@ class GradientEstimator(Estimator):
         engine = self.engine(problem)
         projector = self.projector(engine, offset)
         pres = None if projector is not None else self.layer_preconditioners(problem, engine)
+        self._check_all_parameters(engine, pres)
         dtype = score_dtype(problem.model)
         columns = torch.arange(problem.n_train) if columns is None else torch.as_tensor(columns)
         position = torch.arange(len(columns))  # where each scored column goes in the output
@@ -335,6 +338,16 @@ class GradientEstimator(Estimator):
         for idx, values in chunks:
             out[..., position[idx]] = values.to(dtype).cpu()
         return lexical.fill_unscored(out, mask) if mask is not None else out
+
+    def _check_all_parameters(self, engine: GradientEngine,
+                              pres: dict[str, LayerPreconditioner] | None) -> None:
+        if engine.extras is not None and (pres is None or self.per_layer
+                                          or any(not p.identity for p in pres.values())):
+            raise ValueError(
+                f"modules=all_parameters is for gradient similarity (grad_dot, grad_cos, tracin "
+                f"without projection or per_layer); {type(self).__name__.lower()} as configured "
+                "attributes through linear layers only: set estimator.modules to null, all, "
+                "blocks or a regex.")
 
     def _dense_scores(self, problem: AttributionProblem, train: AttributionProblem,
                       engine: GradientEngine, projector: Projector | None) -> Iterator:
@@ -357,6 +370,7 @@ class GradientEstimator(Estimator):
         engine = self.engine(problem)
         projector = self.projector(engine, offset)
         pres = None if projector is not None else self.layer_preconditioners(problem, engine)
+        self._check_all_parameters(engine, pres)
         if pres is not None:
             if self.plan is None:
                 self.plan_memory(problem)

@@ -188,6 +188,7 @@ class KFAC(GradientEstimator):
     # -- the fit: cached, or passes over blocks (sharded by the harness) --------------------
     def fit_passes(self, problem: AttributionProblem) -> Iterator[FitPass]:
         engine = self.engine(problem)
+        self._check_all_parameters(engine, None)
         self.loaded_from_cache = False
         if self.block is None:
             self.plan_fit(problem)

@@ -145,8 +145,9 @@ def covariance_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn
 
 def _merged(payloads: list[dict[str, Tensor]], key: str) -> Tensor:
     total = Compensated()
-    for p in payloads:
-        total.merge(Compensated(p[f"{key}|hi"], p[f"{key}|lo"]))
+    for p in payloads:  # a shard of no blocks has no sums
+        if f"{key}|hi" in p:
+            total.merge(Compensated(p[f"{key}|hi"], p[f"{key}|lo"]))
     return total.value()
 
 
@@ -157,7 +158,7 @@ def covariances(payloads: list[dict[str, Tensor]], engine: GradientEngine,
     out = {}
     for layer in engine.layers:
         o, i = layer.shape
-        n_tok = sum(int(p[f"{layer.name}|tokens"]) for p in payloads)
+        n_tok = sum(int(p.get(f"{layer.name}|tokens", 0)) for p in payloads)
         a = unpack_symmetric(_merged(payloads, f"{layer.name}|A"), i) / max(n_tok, 1)
         s = unpack_symmetric(_merged(payloads, f"{layer.name}|S"), o) / n_train
         out[layer.name] = (a, s)

@@ -83,7 +83,8 @@ def plan(estimator, problem: AttributionProblem, engine: GradientEngine, budget:
             forms[name], store[name] = "factors", n_q * t_query * (o + i) * elem
         else:
             forms[name], store[name] = "dense", dense[name]
-    fixed["query gradients"] = float(sum(store.values()))
+    extra = engine.extras.numel * elem if engine.extras is not None else 0
+    fixed["query gradients"] = float(sum(store.values()) + n_q * extra)
     largest = max(o * i for o, i in shapes.values())
     expand = 0.0
     if any(f != "dense" for f in forms.values()):
@@ -92,13 +93,13 @@ def plan(estimator, problem: AttributionProblem, engine: GradientEngine, budget:
     ks = [rank if forms[n] == "low_rank" else t_query for n in shapes if forms[n] != "dense"]
     factored = t_train * n_q * max(ks, default=0) * elem * 2
     per_example = (act_train * BACKWARD_FACTOR + capture_bytes(engine, t_train, elem) * 2
-                   + largest * elem * 2 + factored)
+                   + largest * elem * 2 + factored + extra * 2)
     hint = _hint(estimator)
     name = type(estimator).__name__.lower()
     chunk = budget.batch(fixed, per_example, estimator.chunk_size, f"{name}'s scoring",
                          "estimator.chunk_size", hint)
     per_query = (act_query * BACKWARD_FACTOR + capture_bytes(engine, t_query, elem) * 2
-                 + largest * elem * (4 if "low_rank" in forms.values() else 2))
+                 + largest * elem * (4 if "low_rank" in forms.values() else 2) + extra * 2)
     build = {k: v for k, v in fixed.items() if k != "query expansion"}
     query_chunk = budget.batch(build, per_query, estimator.chunk_size,
                                f"{name}'s query gradients", "estimator.chunk_size", hint)
@@ -143,6 +144,9 @@ def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
                         f"{budget.source} ({mb(budget.total)}) at {mb(held)} (the "
                         f"queries are longer than the first ones): {_hint(estimator)}.")
                 chunks[name].append(part)
+            for name, grads in engine.last_extras.items():  # modules=all_parameters
+                chunks.setdefault(name, []).append(layerwise.LayerQueries(
+                    dense=grads.to(dtype)[:, None, :]))
             del captured
     store = {n: layerwise.concat(c) for n, c in chunks.items()}
     if estimator.unit_norm:
@@ -176,6 +180,11 @@ def scores(estimator, problem: AttributionProblem, train: AttributionProblem,
             parts.append(layerwise.layer_scores(store[name], a, g, dtype, sizes.expand_bytes))
             if estimator.unit_norm:
                 norms = norms + layerwise.self_terms(layerwise.IDENTITY, a, g, dtype)
+        for name, grads in engine.last_extras.items():  # modules=all_parameters
+            grads = grads.to(dtype)
+            parts.append(store[name].dense.flatten(1) @ grads.T)
+            if estimator.unit_norm:
+                norms = norms + grads.pow(2).sum(1)
         total = torch.stack(parts) if estimator.per_layer else sum(parts)
         if estimator.unit_norm:
             total = total / torch.as_tensor(norms).clamp_min(1e-24).sqrt()
@@ -196,5 +205,7 @@ def self_influence(problem: AttributionProblem, engine: GradientEngine,
         for name, (a, g) in captured.items():
             _finite(name, a, g)
             total = total + layerwise.self_terms(pres[name], a, g, dtype)
+        for grads in engine.last_extras.values():  # modules=all_parameters
+            total = total + grads.to(dtype).pow(2).sum(1)
         values[rows] = total.cpu()
     return values

@@ -42,16 +42,19 @@ def test_scores_do_not_depend_on_chunking(tiny_mlp, cls):
 
 
 def test_run_honours_memory_budget(make_cfg, monkeypatch):
-    budgets = []
+    plans = []
     plan = GradientEstimator.plan_memory
-    monkeypatch.setattr(GradientEstimator, "plan_memory",
-                        lambda self, problem, budget=None: budgets.append(budget or
-                                                                          self.memory_budget)
-                        or plan(self, problem, budget))
+
+    def recorded(self, problem, budget=None):
+        plans.append(plan(self, problem, budget))
+        return plans[-1]
+
+    monkeypatch.setattr(GradientEstimator, "plan_memory", recorded)
     plain = run(make_cfg("digits_mlp", "estimator=grad_dot"))
-    assert budgets[-1].source.startswith("the default memory budget")
+    assert plans[-1].chunk_size == 256  # the default budget keeps the configured chunk size
     budget = run(make_cfg("digits_mlp", "estimator=grad_dot", "memory_budget_mb=0.5"))
-    assert budgets[-1].total_mb == 0.5 and budget["chunk_size"] < 120
+    assert budget["memory_budget_mb"] == 0.5 and plans[-1].chunk_size < 120
+    assert plain["memory_budget_mb"] > 100
     assert budget["lds"] == pytest.approx(plain["lds"], abs=1e-6)
 
 
