@@ -206,8 +206,9 @@ class GradientEstimator(Estimator):
         layer-wise, factored scoring path; None for an estimator whose P mixes layers (it
         overrides :meth:`precondition`, and scores from dense query gradients). Default: the
         identity, unless :meth:`precondition` is overridden."""
-        if type(self).precondition is not GradientEstimator.precondition:
-            return None
+        overridden = type(self).precondition is not GradientEstimator.precondition
+        if overridden and not self.unit_norm:  # (grad_cos's override is the unit norm,
+            return None                        # which the layer-wise path applies itself)
         return {name: IDENTITY for name in engine.names}
 
     def projector(self, engine: GradientEngine, offset: int = 0) -> Projector | None:

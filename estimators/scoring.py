@@ -41,12 +41,18 @@ class ScorePlan:
     per_example: float = 0.0
 
 
-def probe(problem: AttributionProblem, engine: GradientEngine, which: str) -> tuple[float, int]:
-    """``(bytes autograd keeps per example, tokens T)`` from one batch of up to 2 examples."""
+def probe(problem: AttributionProblem, engine: GradientEngine, which: str,
+          size: int = 2) -> tuple[float, int]:
+    """``(bytes autograd keeps per example, tokens T)`` from one batch of up to ``size``
+    examples (the extra parameters of ``all_parameters`` are counted by the plan instead)."""
     fn = problem.train_loss if which == "train" else problem.query_measure
-    batch = move_to(next(iter(problem.loader(which, 2))), problem.device)
-    with eval_mode(problem.model), SavedBytes(problem.model) as saved:
-        captured = engine.capture(fn, batch)
+    batch = move_to(next(iter(problem.loader(which, size))), problem.device)
+    extras, engine.extras = engine.extras, None
+    try:
+        with eval_mode(problem.model), SavedBytes(problem.model) as saved:
+            captured = engine.capture(fn, batch)
+    finally:
+        engine.extras = extras
     a = next(iter(captured.values()))[0]
     return saved.total / a.shape[0], int(a.shape[1])
 
@@ -62,8 +68,9 @@ def plan(estimator, problem: AttributionProblem, engine: GradientEngine, budget:
     elem = torch.empty((), dtype=score_dtype(problem.model)).element_size()
     n_q, n_train = problem.n_queries, problem.n_train
     shapes = {layer.name: layer.shape for layer in engine.layers}
-    act_train, t_train = probe(problem, engine, "train")
-    act_query, t_query = probe(problem, engine, "queries")
+    size = min(2, estimator.chunk_size)
+    act_train, t_train = probe(problem, engine, "train", size)
+    act_query, t_query = probe(problem, engine, "queries", size)
     rank = getattr(estimator, "query_rank", None)
     n_layers = len(shapes) if estimator.per_layer else 1
     fixed = {"model": parameter_bytes(problem.model), "factors": state_bytes,

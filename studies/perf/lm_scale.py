@@ -352,15 +352,11 @@ def write_section(args, rows: list[dict], out: Path) -> None:
                          f"| | | | | {r['peak_rss_mb']:,.0f} | | {r['load']:.1f} |")
             continue
         fit, score = r.get("fit_seconds"), r.get("score_seconds")
-        budget = r.get("memory_budget_mb")
+        budget = f"{r['memory_budget_mb']:,.0f}" if r.get("memory_budget_mb") else "–"
         lines.append(
             f"| {r['model']} | {r['estimator']} | {fit:,.0f} | {_rate(train_tokens, fit)} | "
             f"{score:,.0f} | {_rate(train_tokens, score)} | "
-            f"{_rate(train_tokens, fit + score)} | {r['peak_rss_mb']:,.0f} | "
-            f"{budget:,.0f} | {r['load']:.1f} |" if budget else
-            f"| {r['model']} | {r['estimator']} | {fit:,.0f} | {_rate(train_tokens, fit)} | "
-            f"{score:,.0f} | {_rate(train_tokens, score)} | "
-            f"{_rate(train_tokens, fit + score)} | {r['peak_rss_mb']:,.0f} | – | "
+            f"{_rate(train_tokens, fit + score)} | {r['peak_rss_mb']:,.0f} | {budget} | "
             f"{r['load']:.1f} |")
     ours = next((r for r in rows if r["model"] == "llama" and r["estimator"] == "ekfac r=32"
                  and r["data"] == main and r["exit"] == 0), None)
