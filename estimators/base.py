@@ -320,13 +320,14 @@ class GradientEstimator(Estimator):
         pres = None if projector is not None else self.layer_preconditioners(problem, engine)
         self._check_all_parameters(engine, pres)
         dtype = score_dtype(problem.model)
+        everything = columns is None and not self.candidates
         columns = torch.arange(problem.n_train) if columns is None else torch.as_tensor(columns)
         position = torch.arange(len(columns))  # where each scored column goes in the output
         mask = None
         if self.candidates:  # gradients only for the union of the queries' candidates
             mask = lexical.candidate_mask(problem, **self.candidates)[:, columns]
             position = mask.any(0).nonzero().flatten()
-        train = lexical.restricted(problem, columns[position])
+        train = problem if everything else lexical.restricted(problem, columns[position])
         n_layers = len(engine.layers) if self.per_layer else None
         shape = (problem.n_queries, len(columns))
         out = torch.zeros((n_layers, *shape) if n_layers else shape, dtype=dtype)
