@@ -45,8 +45,8 @@ class Compensated:
         """Adds another pair (another shard's sum)."""
         if other.hi is None:
             return
-        if self.hi is None:
-            self.hi, self.lo = other.hi.clone(), other.lo.clone()
+        if self.hi is None:  # takes the other's tensors (no copy)
+            self.hi, self.lo = other.hi, other.lo
             return
         self.hi, err = two_sum(self.hi, other.hi)
         self.lo += other.lo + err

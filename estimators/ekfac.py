@@ -171,7 +171,7 @@ class KFAC(GradientEstimator):
         acc = max(passes.accumulator_bytes(engine, "covariance"),
                   passes.accumulator_bytes(engine, "eigenvalues") + self.state_bytes(engine))
         fixed = {"model": memory.parameter_bytes(problem.model),
-                 "sums": acc * (2 if saved else 1)}
+                 "sums": acc * (2 if saved else 1), "finish": passes.finish_bytes(engine)}
         per_example = (act * memory.BACKWARD_FACTOR + capture_bytes(engine, tokens, elem) * 3
                        + largest * elem * 2)
         self.block = budget.batch(fixed, per_example, self.batch_size,
@@ -201,8 +201,7 @@ class KFAC(GradientEstimator):
             def finish_covariance(payloads: list[dict]) -> None:
                 again = self._load(problem, spec)  # another job may have finished it
                 factors = again["factors"] if again is not None else passes.eigenbasis(
-                    passes.covariances(payloads, engine, problem.n_train),
-                    score_dtype(problem.model))
+                    payloads, engine, problem.n_train, score_dtype(problem.model))
                 if again is None:
                     self._save(problem, spec, {"factors": factors})
                 self.factors = factors

@@ -144,38 +144,38 @@ def covariance_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn
 
 
 def _merged(payloads: list[dict[str, Tensor]], key: str) -> Tensor:
+    """The float64 sum of one statistic over a split's payloads; its partial sums are
+    dropped from the payloads as they are added (so memory falls as results are built)."""
     total = Compensated()
     for p in payloads:  # a shard of no blocks has no sums
         if f"{key}|hi" in p:
-            total.merge(Compensated(p[f"{key}|hi"], p[f"{key}|lo"]))
+            total.merge(Compensated(p.pop(f"{key}|hi"), p.pop(f"{key}|lo")))
     return total.value()
 
 
-def covariances(payloads: list[dict[str, Tensor]], engine: GradientEngine,
-                n_train: int) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{layer: (A [i, i], S [o, o])}`` in float64 from a complete split's payloads:
-    A averaged over the tokens that carry gradient, S over examples."""
+def eigenbasis(payloads: list[dict[str, Tensor]], engine: GradientEngine, n_train: int,
+               dtype: torch.dtype) -> dict[str, dict[str, Tensor]]:
+    """From a complete split's covariance payloads, one layer at a time: A (averaged over
+    the tokens that carry gradient) and S (over examples) in float64, eigendecomposed, stored
+    in ``dtype``; ``lam`` holds K-FAC's Λᵢⱼ = sᵢ aⱼ ``[o, i]``."""
     out = {}
     for layer in engine.layers:
         o, i = layer.shape
         n_tok = sum(int(p.get(f"{layer.name}|tokens", 0)) for p in payloads)
         a = unpack_symmetric(_merged(payloads, f"{layer.name}|A"), i) / max(n_tok, 1)
-        s = unpack_symmetric(_merged(payloads, f"{layer.name}|S"), o) / n_train
-        out[layer.name] = (a, s)
-    return out
-
-
-def eigenbasis(factors: dict[str, tuple[Tensor, Tensor]],
-               dtype: torch.dtype) -> dict[str, dict[str, Tensor]]:
-    """Eigendecomposes A and S (float64), stored in ``dtype``; ``lam`` holds K-FAC's
-    Λᵢⱼ = sᵢ aⱼ ``[o, i]``."""
-    out = {}
-    for name, (a, s) in factors.items():
         eig_a, q_a = torch.linalg.eigh(a)
+        del a
+        s = unpack_symmetric(_merged(payloads, f"{layer.name}|S"), o) / n_train
         eig_s, q_s = torch.linalg.eigh(s)
+        del s
         lam = eig_s.clamp(min=0)[:, None] * eig_a.clamp(min=0)[None, :]
-        out[name] = {"q_a": q_a.to(dtype), "q_s": q_s.to(dtype), "lam": lam.to(dtype)}
+        out[layer.name] = {"q_a": q_a.to(dtype), "q_s": q_s.to(dtype), "lam": lam.to(dtype)}
     return out
+
+
+def finish_bytes(engine: GradientEngine) -> float:
+    """Transient bytes of one layer's eigendecomposition (float64 matrix, vectors, work)."""
+    return 8.0 * 3 * max(max(o, i) ** 2 for o, i in (layer.shape for layer in engine.layers))
 
 
 def eigenvalue_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
