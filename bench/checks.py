@@ -39,7 +39,7 @@ from estimators.options import (
 )
 from tasks.base import resolve_device
 
-STAGES = ("all", "ground_truth")
+STAGES = ("all", "ground_truth", "factors", "score", "merge")
 FREE_FLOOR_BYTES = 64 * 2**20  # ground-truth shards, records, lock files: never less than this
 MODEL_COPIES = 3  # a cached model holds its weights and up to two optimizer moments
 
@@ -60,6 +60,8 @@ def check_run_settings(cfg: DictConfig) -> None:
     resolve_device(cfg.device)
     positive("num_threads", cfg.num_threads, integer=True, allow_none=True)
     positive("memory_budget_mb", cfg.get("memory_budget_mb"), allow_none=True)
+    if cfg.get("tf32") is not None:
+        flag("tf32", cfg.tf32)
     for key in ("progress", "save_scores"):
         flag(key, cfg.get(key))
     plugins = cfg.get("plugins")

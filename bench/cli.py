@@ -4,11 +4,13 @@
                  └► ground truth (cached, sharded) ─────────────────► metrics ──► records, W&B
 
 The run is a sequence of named stages (:mod:`bench.stages`). ``stage=ground_truth`` computes
-one ground-truth shard and stops (for fan-out as jobs); ``stage=all`` (default) runs the whole
-benchmark. Every user error — a bad value, file or path, a mistyped key, an unknown config,
-a missing extra, a full disk, out of memory — ends in one sentence and exit 2, whether Hydra
-meets it while composing or the run while resolving (:mod:`bench.errors`); in a sweep, the
-job writes ``error.json`` and the sweep goes on. Programming errors keep their traceback.
+one ground-truth shard and stops (for fan-out as jobs), ``stage=factors`` one shard of the
+estimator's fit passes, ``stage=score`` one shard of the scores; ``stage=merge`` joins score
+shards and finishes the job; ``stage=all`` (default) runs the whole benchmark. Every user
+error — a bad value, file or path, a mistyped key, an unknown config, a missing extra, a full
+disk, out of memory — ends in one sentence and exit 2, whether Hydra meets it while composing
+or the run while resolving (:mod:`bench.errors`); in a sweep, the job writes ``error.json``
+and the sweep goes on. Programming errors keep their traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bench.errors import boundary, debugging, report, user_message
 from bench.metrics import is_printed
 from bench.record import provenance, write_layer_scores, write_records
 from estimators.atomic import write_text
+from estimators.base import Estimator
 
 log = logging.getLogger("tda-bench")
 
@@ -45,6 +48,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job = stages.resolve(cfg)
     if cfg.stage == "ground_truth":
         return {"stage": "ground_truth", "shards": list(map(str, stages.ground_truth_shards(job)))}
+    if cfg.stage in ("factors", "score"):  # one shard of the fit passes, or of the scores
+        stages.model(job)
+        if cfg.stage == "factors":
+            if type(job.estimator).fit_passes is Estimator.fit_passes:
+                raise ValueError(f"stage=factors shards the fit passes of kfac and ekfac; "
+                                 f"{cfg.estimator_name} has none to shard (run stage=score).")
+            return {"stage": "factors",
+                    "shards": list(map(str, stages.fit(job, int(cfg.factors.shard))))}
+        stages.fit(job)
+        return {"stage": "score", "shards": [str(stages.score_shard(job))]}
     stages.ground_truth(job, "task")
     stages.model(job)
     stages.ground_truth(job, "model")

@@ -2,8 +2,11 @@
 
 Its cache key hashes what determines it: the task's name, its config without any ground
 truth's settings (so changing ``task.lds`` never retrains the attributed model), the task
-class and ``VERSION``, and the seed. The key is also the problem's ``key`` for the
-estimators' factor and gradient caches.
+class and ``VERSION``, and the seed. A model the task does not train (``hf_lm``) is loaded
+from its files every run (no copy in the cache, nothing logged as training) and keyed by
+their content instead of the config (:meth:`~tasks.base.Task.identity`: a streamed hash of
+the config and weight files, and of the encoded training data). The key is also the
+problem's ``key`` for the estimators' factor and gradient caches.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def model_key(task: Task, cfg: DictConfig, seed: int | None = None) -> str:
-    """The cache key of the attributed model for ``seed`` (default ``cfg.seed``)."""
+    """The cache key of the attributed model for ``seed`` (default ``cfg.seed``); for a task
+    whose model is given, a hash of its content (:meth:`~tasks.base.Task.identity`), never
+    its path."""
     seed = cfg.seed if seed is None else int(seed)
-    identity = {"task": cfg.task_name, "config": without_truth_settings(task_config(cfg)),
-                "version": task.VERSION, "class": type(task).__qualname__, "seed": seed,
-                "what": "model"}
+    content = task.identity()
+    identity = {"task": cfg.task_name, "version": task.VERSION, "class": type(task).__qualname__,
+                "seed": seed, "what": "model"}
+    if content is not None:
+        identity["content"] = content
+    else:
+        identity["config"] = without_truth_settings(task_config(cfg))
     return content_hash(identity)
 
 
@@ -42,6 +51,11 @@ def trained_model(task: Task, cfg: DictConfig, cache_dir: Path,
     """The attributed model for ``seed`` (default ``cfg.seed``) and its checkpoints: from the
     cache, or trained and cached (concurrent jobs of a sweep train each model once)."""
     seed = cfg.seed if seed is None else int(seed)
+    if not task.trains:  # a given model: loaded from its own files, nothing to train or cache
+        model = task.build_model(seed)
+        log.info("Loaded the given %s model (content key %s)", cfg.task_name,
+                 model_key(task, cfg, seed))
+        return model, task.fit(model, seed=seed)
     key = model_key(task, cfg, seed)
     path = Path(cache_dir) / "models" / cfg.task_name / f"{key}.pt"
     model = task.build_model(seed)

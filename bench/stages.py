@@ -7,8 +7,11 @@
 values, plug-ins, the task, its ground-truth kinds and their settings, the estimator, and a
 writable ``cache_dir`` with room for what the run writes; a bad value fails in seconds.
 ``stage=ground_truth`` runs only ``resolve`` and one shard of every sharded kind
-(:func:`ground_truth_shards`), for fan-out as jobs. Data flows one way: the task builds the
-problem, the estimator scores it, the ground truths and metrics judge the scores.
+(:func:`ground_truth_shards`), for fan-out as jobs; ``stage=factors`` runs ``resolve``,
+``model`` and one shard of every fit pass (:mod:`bench.sharding`); ``stage=score`` adds one
+shard of the scores; ``stage=merge`` runs the whole job with the scores joined from their
+shards. Data flows one way: the task builds the problem, the estimator scores it, the ground
+truths and metrics judge the scores.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from bench import sharding
 from bench.cache import sweep_stale_temp_files
 from bench.checks import (
     build,
@@ -38,6 +42,7 @@ from bench.models import model_key, task_config, trained_model
 from bench.plugins import load_plugins
 from bench.record import peak_rss_mb, reset_peak_rss
 from bench.truths import GroundTruth, TruthContext, truth_kinds
+from estimators import memory
 from estimators.base import Estimator, GradientEstimator
 from estimators.problem import AttributionProblem
 from tasks.base import Task
@@ -82,6 +87,12 @@ def resolve(cfg: DictConfig) -> Job:
                          "`skip` to run it)")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
+    if cfg.get("tf32") is not None:  # TF32 matmuls on Ampere+ GPUs (float32 models only)
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    for block, key in ((cfg.get("factors"), "factors"), (cfg.get("score"), "score")):
+        if block is not None and not 0 <= int(block.shard) < int(block.num_shards):
+            raise ValueError(f"{key}.shard must be in [0, {block.num_shards}), got {block.shard}")
     torch.manual_seed(cfg.seed)
     options = ground_truth_options(cfg.ground_truth)
     task: Task = build(cfg.task, "task", cfg.task_name, device=cfg.device)
@@ -189,28 +200,51 @@ def model(job: Job) -> None:
     job.problem = job.ctx.problem = problem
 
 
-def fit(job: Job) -> None:
-    """``estimator.fit``, timed; the memory budget caps a gradient estimator's chunk size."""
-    if job.cfg.get("memory_budget_mb") and isinstance(job.estimator, GradientEstimator):
-        job.estimator.fit_chunk_to_budget(job.problem, float(job.cfg.memory_budget_mb))
+def fit(job: Job, shard: int | None = None) -> list[Path]:
+    """``estimator.fit``, timed, within the memory budget: a gradient estimator's passes and
+    chunks are sized to ``memory_budget_mb`` (default: a fraction of available memory), and
+    its fit passes run in shards through the driver when ``factors.num_shards > 1`` (with
+    ``shard``: that shard first, for ``stage=factors``). Returns the shard files."""
+    estimator, cfg = job.estimator, job.cfg
+    sharded = shard is not None or int(cfg.factors.num_shards) > 1
+    if isinstance(estimator, GradientEstimator):
+        estimator.memory_budget = memory.budget(cfg.get("memory_budget_mb"), job.problem.device)
+        if hasattr(estimator, "plan_fit"):
+            estimator.plan_fit(job.problem, saved=sharded)
     reset_peak_rss()  # peak_rss_mb measures fit + score, also inside a multirun
     start = time.perf_counter()
-    job.estimator.fit(job.problem)
+    paths = sharding.fit(job, shard)
+    if isinstance(estimator, GradientEstimator):
+        estimator.plan_memory(job.problem)
+        job.metrics["memory_budget_mb"] = estimator.memory_budget.total_mb
     job.metrics["fit_seconds"] = time.perf_counter() - start
+    return paths
 
 
 def score(job: Job) -> None:
-    """``estimator.score``, timed, checked for shape; records the peak memory so far."""
+    """``estimator.score``, timed, checked for shape; records the peak memory so far. With
+    ``score.num_shards > 1`` (or ``stage=merge``) the scores are the joined shards."""
     start = time.perf_counter()
-    scores = job.estimator.score(job.problem).detach().float().cpu()
+    if job.cfg.stage == "merge" or int(job.cfg.score.num_shards) > 1:
+        on_missing = "error" if job.cfg.stage == "merge" else "compute"
+        scores = sharding.merged_scores(job, on_missing)
+    else:
+        scores = job.estimator.score(job.problem).detach().float().cpu()
     job.metrics["score_seconds"] = time.perf_counter() - start
     job.metrics["peak_rss_mb"] = peak_rss_mb()
+    if job.problem.device.type == "cuda":
+        job.metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     expected = (job.problem.n_queries, job.problem.n_train)
     if scores.shape != expected:
         raise RuntimeError(f"{job.cfg.estimator_name} returned scores of shape "
                            f"{tuple(scores.shape)}, expected {expected}")
     job.scores = job.ctx.scores = scores
     job.ctx.estimator = job.estimator
+
+
+def score_shard(job: Job) -> Path:
+    """``stage=score``: one shard of the scores, written to the cache."""
+    return sharding.score_shard(job, int(job.cfg.score.shard))
 
 
 def evaluate(job: Job) -> None:

@@ -23,26 +23,47 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from estimators import candidates as lexical
+from estimators import memory, scoring
 from estimators.gradients import GradientEngine, LayerGrads, dot, score_dtype
 from estimators.index import GradientIndex, fingerprint, read_rows
+from estimators.layerwise import IDENTITY, LayerPreconditioner
 from estimators.options import (
     GradientOptions,
     Option,
     OptionError,
     ProjectionOptions,
     names_arguments,
-    positive,
 )
 from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import Projector
 
-GRADIENT_COPIES = 3  # [B, P] float32 buffers alive at once while a chunk is scored
+
+@dataclass(frozen=True)
+class FitPass:
+    """One pass of a fit over the training set whose result is a sum over blocks.
+
+    Attributes:
+        name: the pass (``covariance``, ``eigenvalues``).
+        key: a hash of everything that determines its partial sums (cache identity).
+        n_blocks: how many blocks of examples the training set is split into.
+        compute: ``blocks -> payload`` of tensors: the partial sums over those blocks, with
+            ``values [len(blocks)]`` (each block's example count).
+        finish: ``payloads of a complete split -> None``: combines the partial sums (in any
+            order: :mod:`estimators.accumulate`) into the estimator's state.
+    """
+
+    name: str
+    key: str
+    n_blocks: int
+    compute: Callable[[list[int]], dict[str, Tensor]]
+    finish: Callable[[list[dict[str, Tensor]]], None]
 
 
 class Estimator(ABC):
@@ -59,12 +80,27 @@ class Estimator(ABC):
         super().__init_subclass__(**kwargs)
         names_arguments(cls, "estimator", ("__init__", "fit", "score", "self_influence"))
 
-    def fit(self, problem: AttributionProblem) -> None:  # noqa: B027 - optional step
-        """Builds reusable state (factors, eigendecompositions, an index). Default: none."""
+    def fit(self, problem: AttributionProblem) -> None:
+        """Builds reusable state (factors, eigendecompositions, an index): runs every pass of
+        :meth:`fit_passes` over all blocks in this process. Default: nothing to fit."""
+        for fit_pass in self.fit_passes(problem):
+            fit_pass.finish([fit_pass.compute(list(range(fit_pass.n_blocks)))])
+
+    def fit_passes(self, problem: AttributionProblem) -> Iterator[FitPass]:
+        """The fit as passes whose statistics are sums over blocks of training examples, so
+        that the harness can run shards of blocks as separate jobs (``stage=factors``); a
+        pass is taken once the previous one has finished. Default: none."""
+        return iter(())
 
     @abstractmethod
     def score(self, problem: AttributionProblem) -> Tensor:
         """Returns scores ``[n_queries, n_train]``; positive means up-weighting helps."""
+
+    def score_columns(self, problem: AttributionProblem, columns: Tensor) -> Tensor:
+        """Scores of the training examples ``columns`` only, ``[n_queries, len(columns)]``
+        (``[n_layers, ...]`` with per-layer scores), equal to those columns of
+        :meth:`score`. Default: all scores, sliced."""
+        return self.score(problem)[..., columns]
 
     def self_influence(self, problem: AttributionProblem) -> Tensor:
         """Self-influence ∇L(z_m)ᵀ H⁻¹ ∇L(z_m) of every training example, ``[n_train]``.
@@ -96,7 +132,8 @@ class GradientEstimator(Estimator):
     whose fields stay readable under their config keys (``self.chunk_size``, ...).
 
     Args:
-        modules: which linear layers to attribute through (``all``, ``mlp_only`` or a regex).
+        modules: which linear layers to attribute through (``all``, ``blocks``, ``mlp_only``
+            or a regex); None: the problem's default (``problem.modules``), else all.
         chunk_size: training examples per gradient chunk; bounds scoring memory.
         per_layer: also keep layer-wise scores ``[n_layers, n_queries, n_train]`` in
             ``self.layer_scores`` (they sum exactly to the total).
@@ -115,6 +152,9 @@ class GradientEstimator(Estimator):
     # Shared arguments a subclass refuses when set, each with the sentence that says why
     # ("{name}" is the estimator's config name).
     unsupported: ClassVar[dict[str, str]] = {}
+    # Whether query and training gradients are scaled to unit length over all layers
+    # (grad_cos): the layer-wise path divides each score by both norms.
+    unit_norm: ClassVar[bool] = False
 
     modules = Option("gradient_options")
     chunk_size = Option("gradient_options")
@@ -143,26 +183,45 @@ class GradientEstimator(Estimator):
             raise OptionError("a dense projection mixes layers, so {per_layer} scores need "
                               "{projection_structure=kronecker} (or no projection).")
         self.layer_scores: Tensor | None = None
+        self.memory_budget: memory.Budget | None = None  # set by the harness (memory_budget_mb)
+        self.plan: scoring.ScorePlan | None = None
 
     def engine(self, problem: AttributionProblem) -> GradientEngine:
-        return GradientEngine(problem.model, self.modules)
+        """The gradient engine over the tracked layers: ``modules``, else the problem's
+        default (``problem.modules``: hf_lm's transformer blocks), else every linear layer."""
+        return GradientEngine(problem.model, self.modules or problem.modules)
 
-    def fit_chunk_to_budget(self, problem: AttributionProblem, memory_budget_mb: float) -> int:
-        """Lowers ``chunk_size`` so that a chunk's gradients fit in ``memory_budget_mb``.
+    def plan_memory(self, problem: AttributionProblem,
+                    budget: memory.Budget | None = None) -> scoring.ScorePlan:
+        """Sizes scoring to the memory budget (:mod:`estimators.scoring`): lowers (never
+        raises) ``chunk_size`` to what fits and keeps the plan for :meth:`score`; refuses a
+        setting that cannot fit, naming the key to change.
 
-        A chunk of B examples holds about ``GRADIENT_COPIES`` float32 copies of its ``[B, P]``
-        gradients (the per-example gradients, a transformed or cast copy, finiteness masks);
-        activations, the query gradients and the ``[n_queries, n_train]`` scores are not
-        counted. Never raises ``chunk_size``; at least one example per chunk.
-
-        Returns:
-            the chunk size now in use.
+        Args:
+            budget: the budget; default :attr:`memory_budget` (set by the harness from
+                ``memory_budget_mb``), else the default fraction of available memory.
         """
-        memory_budget_mb = positive("memory_budget_mb", memory_budget_mb)
-        per_example = GRADIENT_COPIES * 4 * self.engine(problem).num_params
-        fits = int(memory_budget_mb * 2**20 // per_example)
-        self.chunk_size = max(1, min(self.chunk_size, fits))
-        return self.chunk_size
+        budget = budget or self.memory_budget or memory.budget(None, problem.device)
+        engine = self.engine(problem)
+        self.plan = scoring.plan(self, problem, engine, budget, self.state_bytes(engine))
+        self.chunk_size = self.plan.chunk_size
+        self.memory_budget = budget
+        return self.plan
+
+    def state_bytes(self, engine: GradientEngine) -> float:
+        """Bytes of fitted state held while scoring (factors). Default: none."""
+        return 0.0
+
+    def layer_preconditioners(self, problem: AttributionProblem,
+                              engine: GradientEngine) -> dict[str, LayerPreconditioner] | None:
+        """P as one :class:`~estimators.layerwise.LayerPreconditioner` per layer, for the
+        layer-wise, factored scoring path; None for an estimator whose P mixes layers (it
+        overrides :meth:`precondition`, and scores from dense query gradients). Default: the
+        identity, unless :meth:`precondition` is overridden."""
+        overridden = type(self).precondition is not GradientEstimator.precondition
+        if overridden and not self.unit_norm:  # (grad_cos's override is the unit norm,
+            return None                        # which the layer-wise path applies itself)
+        return {name: IDENTITY for name in engine.names}
 
     def projector(self, engine: GradientEngine, offset: int = 0) -> Projector | None:
         """The seeded projection of ``engine``'s layers (seed + ``offset``), or None."""
@@ -258,29 +317,64 @@ class GradientEstimator(Estimator):
             return scores.sum(0)
         return scores
 
-    def score_model(self, problem: AttributionProblem, offset: int = 0) -> Tensor:
+    def score_columns(self, problem: AttributionProblem, columns: Tensor) -> Tensor:
+        if type(self).score is not GradientEstimator.score:  # its own score: all, sliced
+            return super().score_columns(problem, columns)
+        return self.score_model(problem, columns=columns)
+
+    def score_model(self, problem: AttributionProblem, offset: int = 0,
+                    columns: Tensor | None = None) -> Tensor:
         """Scores of ``problem.model``: ``[n_queries, n_train]``, or per layer
-        ``[n_layers, n_queries, n_train]`` when ``per_layer``."""
+        ``[n_layers, n_queries, n_train]`` when ``per_layer``; only the training examples
+        ``columns`` (in that order) when given."""
         engine = self.engine(problem)
         projector = self.projector(engine, offset)
+        pres = None if projector is not None else self.layer_preconditioners(problem, engine)
+        self._check_all_parameters(engine, pres)
+        dtype = score_dtype(problem.model)
+        everything = columns is None and not self.candidates
+        columns = torch.arange(problem.n_train) if columns is None else torch.as_tensor(columns)
+        position = torch.arange(len(columns))  # where each scored column goes in the output
+        mask = None
+        if self.candidates:  # gradients only for the union of the queries' candidates
+            mask = lexical.candidate_mask(problem, **self.candidates)[:, columns]
+            position = mask.any(0).nonzero().flatten()
+        train = problem if everything else lexical.restricted(problem, columns[position])
+        n_layers = len(engine.layers) if self.per_layer else None
+        shape = (problem.n_queries, len(columns))
+        out = torch.zeros((n_layers, *shape) if n_layers else shape, dtype=dtype)
+        if pres is None:
+            chunks = self._dense_scores(problem, train, engine, projector)
+        else:
+            sizes = self.plan if self.plan is not None else self.plan_memory(problem)
+            store = scoring.query_store(self, problem, engine, pres, sizes, self.memory_budget)
+            chunks = scoring.scores(self, problem, train, engine, store, sizes)
+        for idx, values in chunks:
+            out[..., position[idx]] = values.to(dtype).cpu()
+        return lexical.fill_unscored(out, mask) if mask is not None else out
+
+    def _check_all_parameters(self, engine: GradientEngine,
+                              pres: dict[str, LayerPreconditioner] | None) -> None:
+        if engine.extras is not None and (pres is None or self.per_layer
+                                          or any(not p.identity for p in pres.values())):
+            raise ValueError(
+                f"modules=all_parameters is for gradient similarity (grad_dot, grad_cos, tracin "
+                f"without projection or per_layer); {type(self).__name__.lower()} as configured "
+                "attributes through linear layers only: set estimator.modules to null, all, "
+                "blocks or a regex.")
+
+    def _dense_scores(self, problem: AttributionProblem, train: AttributionProblem,
+                      engine: GradientEngine, projector: Projector | None) -> Iterator:
+        """Scores from dense (or projected) query gradients ``{layer: [Q, ...]}``, for
+        estimators whose P mixes layers, and for projected gradients."""
         query_grads = self.query_gradients(problem, engine, projector)
         pre = self.precondition(problem, engine, query_grads)
         dtype = score_dtype(problem.model)
         pre = {n: g.to(dtype) for n, g in pre.items()}
-        shape = (len(pre), problem.n_queries, problem.n_train)
-        scores = torch.zeros(shape if self.per_layer else shape[1:], dtype=dtype)
-        columns, train_problem, mask = torch.arange(problem.n_train), problem, None
-        if self.candidates:  # gradients only for the union of the queries' candidates
-            mask = lexical.candidate_mask(problem, **self.candidates)
-            columns = mask.any(0).nonzero().flatten()
-            train_problem = lexical.restricted(problem, columns)
-        for idx, grads in self.training_gradients(train_problem, engine, projector):
+        for idx, grads in self.training_gradients(train, engine, projector):
             grads = {n: g.to(dtype) for n, g in self.transform_train(grads).items()}
-            scores[..., columns[idx]] = -dot(pre, grads, per_layer=self.per_layer).cpu()
+            yield idx, -dot(pre, grads, per_layer=self.per_layer)
             del grads  # one chunk alive at a time
-        if mask is not None:
-            scores = lexical.fill_unscored(scores, mask)
-        return scores
 
     def self_influence(self, problem: AttributionProblem) -> Tensor:
         return self.self_influence_model(problem)
@@ -289,6 +383,13 @@ class GradientEstimator(Estimator):
         """``[n_train]``: T(∇L(z_m)) · P ∇L(z_m) for ``problem.model`` (H = I: ‖∇L‖²)."""
         engine = self.engine(problem)
         projector = self.projector(engine, offset)
+        pres = None if projector is not None else self.layer_preconditioners(problem, engine)
+        self._check_all_parameters(engine, pres)
+        if pres is not None:
+            if self.plan is None:
+                self.plan_memory(problem)
+            return scoring.self_influence(problem, engine, pres, self.chunk_size,
+                                          self.unit_norm)
         dtype = score_dtype(problem.model)
         values = torch.zeros(problem.n_train, dtype=dtype)
         for idx, grads in self.training_gradients(problem, engine, projector):

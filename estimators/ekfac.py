@@ -22,109 +22,48 @@ Preconditioning a query gradient V ``[d_out, d_in(+1)]`` of a layer (Grosse et a
 with λ₂ the task's L2 coefficient and λ the damping: a number, or per layer 0.1 × mean(Λ)
 when ``damping: null`` (as kronfluence). The gradients g come from ``fisher: true`` (targets
 sampled from the model, ``problem.sample_targets``, seeded) or ``fisher: empirical`` (data
-labels). Optional ``query_rank`` keeps the rank-r SVD of each preconditioned query gradient
-(Grosse et al. §3.2.3). Fitted factors are cached under ``cache_dir`` by the problem's ``key``
-and the fitting settings, so a second run on the same model does not refit; EK-FAC reuses
-K-FAC's first pass.
+labels).
+
+The passes over the training set (:mod:`estimators.kfac_factors`) are sums over blocks of
+examples computed from the layers' captured factors, so they shard across jobs
+(:meth:`KFAC.fit_passes`, ``stage=factors``); eigenbases and Λ are stored in the gradient
+dtype (float64 for a float64 model). Scoring is layer-wise (:mod:`estimators.scoring`): a
+query's exact P V is kept as its tokens' factors rotated into the eigenbasis with the damped
+inverse eigenvalues as a scale, or dense; ``query_rank: r`` keeps rank-r factors of each
+layer's P V instead (Grosse et al. §3.2.3), from a seeded randomized SVD (``query_svd:
+randomized``; Halko et al. 2011) or the exact truncated SVD (``exact``), so Q queries cost
+Q·r·(o + i) numbers per layer. Fitted factors are cached under ``cache_dir`` by the
+problem's ``key`` and the fitting settings, so a second run on the same model does not
+refit; EK-FAC reuses K-FAC's first pass.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
+from estimators import kfac_factors as passes
+from estimators import layerwise, memory
 from estimators.atomic import content_hash, load_checked, save_checked
-from estimators.base import EXACT_GRADIENTS, GradientEstimator
-from estimators.gradients import GradientEngine, LayerGrads
+from estimators.base import EXACT_GRADIENTS, FitPass, GradientEstimator
+from estimators.gradients import GradientEngine, LayerGrads, score_dtype
+from estimators.layerwise import LayerPreconditioner
 from estimators.options import OptionError, bounded, choice, natural, positive
-from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
+from estimators.problem import AttributionProblem
 
 log = logging.getLogger(__name__)
 
-FISHERS = ("true", "empirical")
+FISHERS = passes.FISHERS
+QUERY_SVDS = ("randomized", "exact")
 HEURISTIC_DAMPING = 0.1  # kronfluence's damping = 0.1 × mean eigenvalue
-FACTORS_VERSION = 1  # bump when the factor computation changes (part of the cache key)
+FACTORS_VERSION = 2  # bump when the factor computation changes (part of the cache key)
 
 Factors = dict[str, dict[str, Tensor]]  # layer -> {"q_a" [i, i], "q_s" [o, o], "lam" [o, i]}
-
-
-def fisher_loss(problem: AttributionProblem, fisher: str,
-                generator: torch.Generator) -> Callable[[nn.Module, Batch], Tensor]:
-    """The per-example loss ``[B]`` whose gradients sample the Fisher.
-
-    ``true``: targets drawn from the model's predictive distribution with ``generator``;
-    ``empirical``: the data labels (the training loss itself).
-    """
-    if fisher == "empirical":
-        return problem.train_loss
-    if problem.sample_targets is None:
-        raise OptionError("This task defines no sample_targets, so the true Fisher cannot be "
-                          "sampled; use {fisher=empirical}.")
-
-    def sampled_loss(model: nn.Module, batch: Batch) -> Tensor:
-        outputs = problem.outputs(model, batch)
-        return problem.loss(outputs, problem.sample_targets(outputs, batch, generator))
-
-    return sampled_loss
-
-
-def _passes(problem: AttributionProblem, batch_size: int, desc: str):
-    """Iterates over training batches (model in eval mode) with a progress bar."""
-    with eval_mode(problem.model):
-        for batch in tqdm(problem.loader("train", batch_size), desc=desc, leave=False,
-                          disable=None):
-            yield move_to(batch, problem.device)
-
-
-def covariance_factors(problem: AttributionProblem, engine: GradientEngine, loss_fn: Callable,
-                       batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
-    """First pass: ``{layer: (A [i, i], S [o, o])}`` in float64 (see module docstring)."""
-    sums: dict[str, list] = {}
-    for batch in _passes(problem, batch_size, "K-FAC factors"):
-        for name, (a, g) in engine.capture(loss_fn, batch).items():
-            tokens = a.shape[0] * a.shape[1]  # examples × (tokens × calls of the layer)
-            a = a.reshape(tokens, -1).double()
-            g = g.reshape(tokens, -1).double()
-            if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
-                raise FloatingPointError(
-                    f"Non-finite activations or gradients in layer '{name}' while fitting "
-                    "K-FAC factors: check the model and inputs, or train in float64.")
-            acc = sums.setdefault(name, [0.0, 0.0, 0])
-            acc[0] = acc[0] + (a.T @ a).cpu()
-            acc[1] = acc[1] + (g.T @ g).cpu()
-            acc[2] += tokens
-    # A: mean over tokens; S: summed over an example's tokens, mean over examples.
-    return {name: (a / tokens, g / problem.n_train) for name, (a, g, tokens) in sums.items()}
-
-
-def eigenbasis(factors: dict[str, tuple[Tensor, Tensor]]) -> Factors:
-    """Eigendecomposes A and S (float64); ``lam`` holds K-FAC's Λᵢⱼ = sᵢ aⱼ ``[o, i]``."""
-    out = {}
-    for name, (a, s) in factors.items():
-        eig_a, q_a = torch.linalg.eigh(a)
-        eig_s, q_s = torch.linalg.eigh(s)
-        lam = eig_s.clamp(min=0)[:, None] * eig_a.clamp(min=0)[None, :]
-        out[name] = {"q_a": q_a, "q_s": q_s, "lam": lam}
-    return out
-
-
-def corrected_eigenvalues(problem: AttributionProblem, engine: GradientEngine,
-                          loss_fn: Callable, basis: Factors, batch_size: int) -> dict[str, Tensor]:
-    """Second pass (EK-FAC): ``{layer: Λ [o, i]}`` = (1/N) Σₙ (Q_Sᵀ Gₙ Q_A)², float64."""
-    sums: dict[str, Tensor] = {}
-    for batch in _passes(problem, batch_size, "EK-FAC eigenvalues"):
-        for name, grad in engine.gradients(loss_fn, batch).items():
-            q_a = basis[name]["q_a"].to(grad.device)
-            q_s = basis[name]["q_s"].to(grad.device)
-            rotated = q_s.T @ grad.double() @ q_a
-            sums[name] = sums.get(name, 0.0) + rotated.pow(2).sum(0).cpu()
-    return {name: total / problem.n_train for name, total in sums.items()}
 
 
 class FactorCache:
@@ -156,10 +95,15 @@ class KFAC(GradientEstimator):
         fisher: ``true`` (targets sampled from the model, default) or ``empirical``.
         damping: λ added to the eigenvalues (on top of the task's λ₂); None for the
             per-layer heuristic 0.1 × mean(Λ).
-        batch_size: training examples per batch of the factor passes.
-        query_rank: keep the rank-r SVD of each preconditioned query gradient per layer
+        batch_size: training examples per block of the factor passes (at most: the memory
+            budget may lower it).
+        query_rank: keep rank-r factors of each preconditioned query gradient per layer
             (Grosse et al. §3.2.3); None keeps it exact.
-        seed: seed of the true Fisher's target sampling.
+        query_svd: how the rank-r factors are found: ``randomized`` (seeded, Halko et al.
+            2011) or ``exact`` (truncated SVD).
+        query_svd_oversampling: extra columns of the randomized range finder.
+        query_svd_iterations: power iterations of the randomized range finder.
+        seed: seed of the true Fisher's target sampling and of the randomized SVD.
         cache_dir: directory of the factor cache (under ``<cache_dir>/factors``); None
             disables it. Used only when the problem has a ``key``.
         **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
@@ -171,85 +115,175 @@ class KFAC(GradientEstimator):
     unsupported = EXACT_GRADIENTS
 
     def __init__(self, fisher: str = "true", damping: float | None = None, batch_size: int = 64,
-                 query_rank: int | None = None, seed: int = 0, cache_dir: str | None = None,
-                 **kwargs):
+                 query_rank: int | None = None, query_svd: str = "randomized",
+                 query_svd_oversampling: int = 8, query_svd_iterations: int = 2, seed: int = 0,
+                 cache_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
         fisher = "true" if fisher is True else fisher  # `estimator.fisher=true` parses as bool
         self.fisher = choice("fisher", fisher, FISHERS)
         self.damping = bounded("damping", damping, 0, allow_none=True)  # None: heuristic
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.query_rank = positive("query_rank", query_rank, integer=True, allow_none=True)
+        self.query_svd = choice("query_svd", query_svd, QUERY_SVDS)
+        self.query_svd_oversampling = int(bounded("query_svd_oversampling",
+                                                  query_svd_oversampling, 0))
+        self.query_svd_iterations = int(bounded("query_svd_iterations", query_svd_iterations, 0))
         self.seed = natural("seed", seed)
         self.cache = FactorCache(Path(cache_dir) / "factors" if cache_dir else None)
         self.factors: Factors | None = None
         self.dampings: dict[str, float] = {}
         self.loaded_from_cache = False
+        self.block: int | None = None  # examples per block of the passes (memory plan)
 
     def _spec(self, problem: AttributionProblem, engine: GradientEngine, what: str) -> dict:
         """Everything that determines a fitted quantity: its cache identity."""
         return {"problem": problem.key, "what": what, "version": FACTORS_VERSION,
                 "fisher": self.fisher, "seed": self.seed, "batch_size": self.batch_size,
                 "layers": [[layer.name, *layer.shape] for layer in engine.layers],
-                "n_train": problem.n_train, "l2": problem.l2, "device": problem.device.type}
+                "n_train": problem.n_train, "l2": problem.l2, "device": problem.device.type,
+                "dtype": str(score_dtype(problem.model))}
 
-    def _cached(self, problem: AttributionProblem, spec: dict, compute: Callable[[], dict]):
-        """``compute()``'s payload, from the cache when the problem has a key."""
+    def _load(self, problem: AttributionProblem, spec: dict) -> dict | None:
         key = content_hash(spec) if problem.key else None
         payload = self.cache.load(key, spec["what"]) if key else None
         if payload is not None:
             log.info("Loaded %s from the factor cache (%s)", spec["what"], key)
             self.loaded_from_cache = True
-            return payload
-        payload = compute()
-        if key:
-            self.cache.save(key, payload, spec["what"])
         return payload
 
-    def fit(self, problem: AttributionProblem) -> None:
+    def _save(self, problem: AttributionProblem, spec: dict, payload: dict) -> None:
+        if problem.key:
+            self.cache.save(content_hash(spec), payload, spec["what"])
+
+    # -- the memory plan of the passes ------------------------------------------------------
+    def plan_fit(self, problem: AttributionProblem, budget: memory.Budget | None = None,
+                 saved: bool = False) -> int:
+        """The examples per block of the factor passes that fit the budget (at most
+        ``batch_size``); ``saved``: the partial sums are also written (sharded passes)."""
+        budget = budget or self.memory_budget or memory.budget(None, problem.device)
+        self.memory_budget = budget
         engine = self.engine(problem)
-        generator = torch.Generator().manual_seed(self.seed)
-        loss_fn = fisher_loss(problem, self.fisher, generator)
+        from estimators.scoring import capture_bytes, probe
+
+        act, tokens = probe(problem, engine, "train")
+        elem = torch.empty((), dtype=passes.accumulation_dtype(problem.model)).element_size()
+        largest = max(o * i for o, i in (layer.shape for layer in engine.layers))
+        acc = max(passes.accumulator_bytes(engine, "covariance"),
+                  passes.accumulator_bytes(engine, "eigenvalues") + self.state_bytes(engine))
+        fixed = {"model": memory.parameter_bytes(problem.model),
+                 "sums": acc * (2 if saved else 1), "finish": passes.finish_bytes(engine)}
+        per_example = (act * memory.BACKWARD_FACTOR + capture_bytes(engine, tokens, elem) * 3
+                       + largest * elem * 2)
+        self.block = budget.batch(fixed, per_example, self.batch_size,
+                                  f"{self.name}'s factor passes", "estimator.batch_size",
+                                  "raise memory_budget_mb or attribute through fewer layers "
+                                  "(estimator.modules)")
+        return self.block
+
+    def state_bytes(self, engine: GradientEngine) -> float:
+        elem = torch.empty((), dtype=score_dtype(engine.model)).element_size()
+        return float(sum((i * i + o * o + o * i) * elem
+                         for o, i in (layer.shape for layer in engine.layers)))
+
+    # -- the fit: cached, or passes over blocks (sharded by the harness) --------------------
+    def fit_passes(self, problem: AttributionProblem) -> Iterator[FitPass]:
+        engine = self.engine(problem)
+        self._check_all_parameters(engine, None)
         self.loaded_from_cache = False
+        if self.block is None:
+            self.plan_fit(problem)
+        block, n_blocks = self.block, passes.n_blocks(problem, self.block)
         spec = self._spec(problem, engine, "kfac eigenbasis")
+        cached = self._load(problem, spec)
+        if cached is None:
+            loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 0)
 
-        def first_pass() -> dict:
-            return {"factors": eigenbasis(covariance_factors(problem, engine, loss_fn,
-                                                             self.batch_size))}
+            def finish_covariance(payloads: list[dict]) -> None:
+                again = self._load(problem, spec)  # another job may have finished it
+                factors = again["factors"] if again is not None else passes.eigenbasis(
+                    payloads, engine, problem.n_train, score_dtype(problem.model))
+                if again is None:
+                    self._save(problem, spec, {"factors": factors})
+                self.factors = factors
 
-        factors = self._cached(problem, spec, first_pass)["factors"]
+            yield FitPass("covariance", content_hash({**spec, "pass": "covariance",
+                                                      "block": block}), n_blocks,
+                          lambda blocks: passes.covariance_pass(problem, engine, loss_fn, block,
+                                                                blocks),
+                          finish_covariance)
+            factors = self.factors
+        else:
+            factors = cached["factors"]
         if self.correct_eigenvalues:
-            # A fresh generator: the second pass does not depend on whether the first was cached.
-            generator.manual_seed(self.seed + 1)
-
-            def second_pass() -> dict:
-                return {"lam": corrected_eigenvalues(problem, engine, loss_fn, factors,
-                                                     self.batch_size)}
-
             spec = {**spec, "what": "ekfac eigenvalues"}
-            lam = self._cached(problem, spec, second_pass)["lam"]
-            factors = {n: {**f, "lam": lam[n]} for n, f in factors.items()}
+            cached = self._load(problem, spec)
+            if cached is None:
+                loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 1)
+                basis = factors
+
+                def finish_eigenvalues(payloads: list[dict]) -> None:
+                    again = self._load(problem, spec)
+                    lam = again["lam"] if again is not None else passes.eigenvalues(
+                        payloads, engine, problem.n_train, score_dtype(problem.model))
+                    if again is None:
+                        self._save(problem, spec, {"lam": lam})
+                    self.factors = {n: {**f, "lam": lam[n]} for n, f in basis.items()}
+
+                yield FitPass("eigenvalues", content_hash({**spec, "pass": "eigenvalues",
+                                                           "block": block}), n_blocks,
+                              lambda blocks: passes.eigenvalue_pass(problem, engine, loss_fn,
+                                                                    basis, block, blocks),
+                              finish_eigenvalues)
+                factors = self.factors
+            else:
+                factors = {n: {**f, "lam": cached["lam"][n]} for n, f in factors.items()}
         self.factors = factors
         self.dampings = {
-            n: (HEURISTIC_DAMPING * f["lam"].mean().item() if self.damping is None
+            n: (HEURISTIC_DAMPING * f["lam"].double().mean().item() if self.damping is None
                 else self.damping)
             for n, f in factors.items()
         }
 
-    def precondition(self, problem: AttributionProblem, engine: GradientEngine,
-                     query_grads: LayerGrads) -> LayerGrads:
-        """``{layer: [Q, o, i]}`` -> Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ₂ + λ)] Q_Aᵀ per layer."""
+    # -- preconditioning, layer by layer ----------------------------------------------------
+    def layer_preconditioners(self, problem: AttributionProblem,
+                              engine: GradientEngine) -> dict[str, LayerPreconditioner]:
+        """Per layer (Q_S, Q_A) and 1 / (Λ + λ₂ + λ), on the problem's device."""
         if self.factors is None or set(self.factors) != set(engine.names):
             self.fit(problem)
+        dtype, device = score_dtype(problem.model), problem.device
         out = {}
-        for name, grad in query_grads.items():
+        for name in engine.names:
             f = self.factors[name]
-            q_a, q_s = f["q_a"].to(grad.device), f["q_s"].to(grad.device)
-            denom = (f["lam"] + problem.l2 + self.dampings[name]).to(grad.device)
+            denom = f["lam"].double() + problem.l2 + self.dampings[name]
             if (denom <= 0).any():
                 raise OptionError(f"Layer '{name}' has a zero damped eigenvalue: set {{damping}} "
                                   "> 0, or {damping=null} (the heuristic).")
-            pre = q_s @ ((q_s.T @ grad.double() @ q_a) / denom) @ q_a.T
-            out[name] = low_rank(pre, self.query_rank) if self.query_rank else pre
+            basis = (f["q_s"].to(device, dtype), f["q_a"].to(device, dtype))
+            out[name] = LayerPreconditioner(basis, denom.reciprocal().to(device, dtype))
+        return out
+
+    def low_rank(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Rank-``query_rank`` factors ``(left [Q, r, o], right [Q, r, i])`` of ``[Q, o, i]``."""
+        if self.query_svd == "exact":
+            return layerwise.exact_svd(v, self.query_rank)
+        generator = torch.Generator().manual_seed(self.seed)
+        return layerwise.randomized_svd(v, self.query_rank, self.query_svd_oversampling,
+                                        self.query_svd_iterations, generator)
+
+    def precondition(self, problem: AttributionProblem, engine: GradientEngine,
+                     query_grads: LayerGrads) -> LayerGrads:
+        """Dense ``{layer: [Q, o, i]}`` -> Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ₂ + λ)] Q_Aᵀ per layer
+        (rank-r with ``query_rank``). Scoring does not use it (it is layer-wise); for callers
+        that want P V itself."""
+        pres = self.layer_preconditioners(problem, engine)
+        out = {}
+        for name, grad in query_grads.items():
+            pre = pres[name]
+            dense = layerwise.precondition_dense(pre, grad.to(pre.scale.dtype))
+            if self.query_rank and self.query_rank < min(grad.shape[-2:]):
+                left, right = self.low_rank(dense)
+                dense = torch.einsum("qko,qki->qoi", left, right)
+            out[name] = dense
         return out
 
 
@@ -258,11 +292,3 @@ class EKFAC(KFAC):
 
     name = "ekfac"
     correct_eigenvalues = True
-
-
-def low_rank(matrices: Tensor, rank: int) -> Tensor:
-    """The best rank-``rank`` approximation (truncated SVD) of each ``[Q, o, i]`` matrix."""
-    if rank >= min(matrices.shape[-2:]):
-        return matrices
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]

@@ -22,7 +22,11 @@ def unit_normalise(grads: LayerGrads, eps: float = 1e-12) -> LayerGrads:
 
 
 class GradCos(GradientEstimator):
-    """Cosine of query and training gradients (see module docstring)."""
+    """Cosine of query and training gradients (see module docstring). Layer-wise scoring
+    divides by both norms itself (``unit_norm``); :meth:`precondition` and
+    :meth:`transform_train` normalise dense and projected gradients."""
+
+    unit_norm = True
 
     def precondition(self, problem: AttributionProblem, engine: GradientEngine,
                      query_grads: LayerGrads) -> LayerGrads:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 from tqdm.auto import tqdm
 
+from estimators.parameters import ExtraParameters
 from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
 LayerGrads = dict[str, Tensor]  # layer name -> [B, d_out, d_in(+1)]
@@ -114,15 +115,40 @@ class Layer:
         return g.reshape(batch, -1, g.shape[-1])
 
 
+def blocks_pattern(model: nn.Module) -> str:
+    """A regex of the modules inside the model's stack of transformer blocks: its longest
+    ``nn.ModuleList`` (``transformer.h``, ``model.layers``, ``gpt_neox.layers``, ...), so
+    that embeddings, the final norm and the lm_head are left out (as Grosse et al. 2023)."""
+    stacks = [(len(m), name) for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not stacks:
+        raise ValueError(f"modules=blocks needs a model whose transformer blocks are an "
+                         f"nn.ModuleList, and {type(model).__name__} has none; use "
+                         "modules=all or a regular expression over linear-layer names.")
+    prefix = max(stacks)[1]
+    return rf"^{re.escape(prefix)}\.\d+\." if prefix else r"^\d+\."
+
+
+ALL_PARAMETERS = "all_parameters"  # modules: every parameter (estimators.parameters)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
 def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
     """The linear and convolutional layers of ``model`` whose parameters are attributed
     through (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d`` with ``groups=1``).
 
     Args:
-        modules: ``None`` or ``"all"`` for every such layer, ``"mlp_only"`` for the MLP
+        modules: ``None`` or ``"all"`` for every such layer, ``"blocks"`` for those inside
+            the transformer blocks (:func:`blocks_pattern`), ``"mlp_only"`` for the MLP
             blocks of a transformer (Grosse et al. 2023 attribute through MLP layers only),
             or a regular expression searched in the module's qualified name.
     """
+    if modules == "blocks":
+        modules = blocks_pattern(model)
     pattern = MODULE_FILTERS.get(modules or "all", modules)
     conv1d = _conv1d_type()
     layers = []
@@ -140,8 +166,8 @@ def tracked_layers(model: nn.Module, modules: str | None = None) -> list[Layer]:
     if not layers:
         raise ValueError(
             f"No linear or convolutional layer of {type(model).__name__} matches modules="
-            f"{modules!r}; use 'all', 'mlp_only' or a regular expression that matches some "
-            "nn.Linear/Conv1D/Conv2d names."
+            f"{modules!r}; use 'all', 'blocks', 'mlp_only' or a regular expression that matches "
+            "some nn.Linear/Conv1D/Conv2d names."
         )
     return layers
 
@@ -156,7 +182,19 @@ class GradientEngine:
 
     def __init__(self, model: nn.Module, modules: str | None = None):
         self.model = model
-        self.layers = tracked_layers(model, modules)
+        self.extras: ExtraParameters | None = None
+        self.last_extras: dict[str, Tensor] = {}  # capture's per-example extra gradients
+        if modules == ALL_PARAMETERS:  # every parameter: untied linear layers + the rest
+            uses: dict[int, int] = {}
+            for module in model.modules():
+                for p in module.parameters(recurse=False):
+                    uses[id(p)] = uses.get(id(p), 0) + 1
+            self.layers = [layer for layer in tracked_layers(model, "all")
+                           if all(uses[id(p)] == 1 for p in layer.module.parameters())]
+            self.extras = ExtraParameters(model, {layer.module for layer in self.layers},
+                                          _is_linear)
+        else:
+            self.layers = tracked_layers(model, modules)
 
     @property
     def names(self) -> list[str]:
@@ -193,14 +231,27 @@ class GradientEngine:
             tokens of a sequence, the output positions of a convolution (``a``: its unfolded
             patches), and counts every call of a layer that is used more than once.
         """
-        with self._hooks() as seen:
-            values = fn(self.model, batch)
+        extra_seen: dict[str, list] = {}
+        handles = self.extras.hooks(extra_seen) if self.extras is not None else []
+        try:
+            with self._hooks() as seen:
+                values = fn(self.model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
         if values.ndim != 1:
             raise ValueError(f"expected per-example values of shape [B], got {tuple(values.shape)}")
         outputs = [out for layer in self.layers for _, out in seen[layer.name]]
         if not outputs:
             raise RuntimeError("no tracked layer ran in the forward pass; check `modules`.")
-        grads = iter(torch.autograd.grad(values.sum(), outputs, allow_unused=True))
+        extra_outputs = [y for calls in extra_seen.values() for _, y in calls]
+        all_grads = torch.autograd.grad(values.sum(), outputs + extra_outputs,
+                                        allow_unused=True)
+        if self.extras is not None:
+            by_output = {id(y): g for y, g in zip(extra_outputs, all_grads[len(outputs):],
+                                                  strict=True) if g is not None}
+            self.last_extras = self.extras.per_example(extra_seen, by_output, values.shape[0])
+        grads = iter(all_grads[:len(outputs)])
         captured = {}
         for layer in self.layers:
             a_list, g_list = [], []

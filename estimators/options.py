@@ -231,7 +231,9 @@ class GradientOptions:
     """Which per-example gradients a gradient estimator takes, and how.
 
     Attributes:
-        modules: the tracked linear layers: ``all`` (or None), ``mlp_only``, or a regular
+        modules: the tracked linear layers: None (the problem's default, else all), ``all``,
+            ``blocks`` (inside the transformer blocks), ``mlp_only``,
+            ``all_parameters`` (every parameter: gradient similarity only), or a regular
             expression searched in module names (:func:`~estimators.gradients.tracked_layers`).
         chunk_size: training examples per gradient chunk ``[chunk_size, P]``; bounds memory.
         per_layer: also keep layer-wise scores ``[n_layers, n_queries, n_train]``.

@@ -98,6 +98,9 @@ class AttributionProblem:
     train_text: Sequence[str] | None = None
     query_text: Sequence[str] | None = None
     key: str = ""
+    # The layers estimators attribute through when their ``modules`` is null: a filter of
+    # estimators.gradients.tracked_layers (hf_lm: "blocks"); None means every linear layer.
+    modules: str | None = None
     # Optional capabilities (None: the task does not offer them).
     proponents: list[list[int]] | None = None  # per query: training indices stating its fact
     query_groups: dict[str, list[int]] | None = None  # {group: query indices}; "forward" first

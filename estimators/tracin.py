@@ -67,13 +67,19 @@ class TracIn(GradientEstimator):
         return dataclasses.replace(problem, model=model.to(problem.device))
 
     def score(self, problem: AttributionProblem) -> Tensor:
-        total = None
-        for c in select_checkpoints(problem.checkpoints, self.checkpoints):
-            scores = c.lr * self.score_model(self._at(problem, c))
-            total = scores if total is None else total + scores
+        total = self.score_columns(problem, None)
         if self.per_layer:
             self.layer_scores = total
             return total.sum(0)
+        return total
+
+    def score_columns(self, problem: AttributionProblem, columns: Tensor | None) -> Tensor:
+        """Σ_c η_c (scores at checkpoint c) of the training examples ``columns`` (all if
+        None), per layer when ``per_layer``."""
+        total = None
+        for c in select_checkpoints(problem.checkpoints, self.checkpoints):
+            scores = c.lr * self.score_model(self._at(problem, c), columns=columns)
+            total = scores if total is None else total + scores
         return total
 
     def self_influence(self, problem: AttributionProblem) -> Tensor:

@@ -44,6 +44,9 @@ class Task(ABC):
         has_text: whether the problem carries the training and query text (lexical
             estimators need it); None where the task does not say (then it is not checked
             before the run).
+        trains: whether :meth:`fit` trains the model at all; a task whose model is given
+            (``hf_lm``) returns its weights, is never cached as a trained model, and names
+            the model and data by content in :meth:`identity`.
 
     Args:
         split_seed: seed of the train/query split.
@@ -60,6 +63,7 @@ class Task(ABC):
     convex = False
     retrainable = True
     has_text: bool | None = None
+    trains = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -99,6 +103,13 @@ class Task(ABC):
         Returns:
             the checkpoints recorded during training, the final one last.
         """
+
+    def identity(self) -> dict | None:
+        """What determines the model and the training data beyond the task's config (e.g.
+        hashes of the files of a given model), or None when the config determines them. It
+        replaces the config in the model's cache key, which keys the factor and gradient
+        caches."""
+        return None
 
     def fit_many(self, seeds: list[int], subsets: list[Tensor],
                  progress: bool = False) -> Tensor | None:

@@ -13,13 +13,20 @@ and targets, duplicate document ids, proponents that are not corpus ids, a local
 path that does not exist (said as such, not tried as a hub id).
 
 The model is not trained here: :meth:`HFLM.fit` returns its weights as the final
-checkpoint. Measurement: log p(target | prompt); training loss: a document's summed token
+checkpoint, and it is identified by content (:meth:`HFLM.identity`: hashes of its config and
+weight files, and of the encoded documents), so replacing the files at the same path
+changes every cache key. Estimators attribute through the linear layers of the transformer
+blocks by default (``problem.modules = "blocks"``: embeddings and lm_head left out, as
+Grosse et al. 2023); ``estimator.modules=all`` adds the lm_head.
+
+Measurement: log p(target | prompt); training loss: a document's summed token
 NLL (:mod:`tasks.lm`). Queries with proponents give the fact-tracing metrics; tail-patch
 takes a plain gradient step of ``tail_patch_lr`` (no optimizer state is known) when set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -106,6 +113,31 @@ def check_model(model: str) -> str:
     return model
 
 
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json",
+           "*.bin.index.json")
+CHUNK = 1 << 20  # bytes read at a time while hashing
+
+
+def model_files(directory: Path) -> list[Path]:
+    """A saved model's ``config.json`` and weight files (the tokenizer enters through the
+    encoded data)."""
+    files = {p for pattern in WEIGHTS for p in directory.glob(pattern) if p.is_file()}
+    config = directory / "config.json"
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no weight files ({', '.join(WEIGHTS)}); "
+                                "give task.model a directory written by save_pretrained.")
+    return sorted(files | ({config} if config.is_file() else set()))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (never whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class HFLM(lm.LMTask):
     """A saved causal LM with a jsonl corpus and queries (see module docstring).
 
@@ -123,6 +155,7 @@ class HFLM(lm.LMTask):
 
     VERSION = 1
     retrainable = False  # the model is given, not trained here
+    trains = False  # loaded from its files every run; keyed by their content (identity)
 
     def __init__(self, model: str, corpus: str, queries: str, max_length: int = 256,
                  dtype: str = "float32", tail_patch_lr: float | None = None, **task):
@@ -189,19 +222,43 @@ class HFLM(lm.LMTask):
         model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=self.dtype)
         return model.to(self.device).eval()
 
+    def model_directory(self) -> Path:
+        """The directory of the model's files: ``task.model``, or a hub id's local snapshot."""
+        path = Path(self.model_name)
+        if path.is_dir():
+            return path
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.model_name, local_files_only=True))
+
+    def identity(self) -> dict:
+        """The model and data by content: streamed SHA-256 of the model's config and weight
+        files (:func:`model_files`), the dtype, and a hash of the encoded documents."""
+        if getattr(self, "_identity", None) is None:
+            directory = self.model_directory()
+            files = {p.relative_to(directory).as_posix(): file_digest(p)
+                     for p in model_files(directory)}
+            documents = hashlib.sha256()
+            for example in self.train_data.examples:
+                ids = example["input_ids"].to(torch.int64).numpy()
+                documents.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+            self._identity = {"files": files, "dtype": str(self.dtype),
+                              "documents": documents.hexdigest()}
+        return self._identity
+
     def fit(self, model: nn.Module, seed: int, indices: Tensor | None = None,
             progress: bool = False) -> list[Checkpoint]:
-        """No training: the given weights are the final (and only) checkpoint."""
+        """No training: the given weights (the model's own tensors, not a copy) are the final
+        and only checkpoint."""
         if indices is not None:
             raise ValueError("hf_lm cannot retrain its model on subsets; it has no LDS/LOO.")
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return [Checkpoint(state, lr=0.0, step=0, optimizer_state=None)]
+        return [Checkpoint(model.state_dict(), lr=0.0, step=0, optimizer_state=None)]
 
     def problem(self, model: nn.Module, checkpoints: list[Checkpoint]) -> AttributionProblem:
         sets: dict[str, list[int]] = {}
         for i, q in enumerate(self.queries):
             sets.setdefault(str(q.get("set", "forward")), []).append(i)
-        fields: dict = {"query_groups": sets}
+        fields: dict = {"query_groups": sets, "modules": "blocks"}
         if any(self.proponents):
             fields["proponents"] = self.proponents
         if self.tail_patch_lr is not None:

@@ -33,6 +33,7 @@ def child(n_train: int, args: argparse.Namespace) -> dict:
     from bench.record import peak_rss_mb
     from estimators.grad_cos import GradCos
     from estimators.grad_dot import GradDot
+    from estimators.memory import Budget
     from estimators.problem import AttributionProblem
     from tasks.digits import logits_of, margin, per_example_ce, sample_labels
 
@@ -51,7 +52,7 @@ def child(n_train: int, args: argparse.Namespace) -> dict:
     estimator = {"grad_dot": GradDot, "grad_cos": GradCos}[args.estimator](
         chunk_size=args.chunk_size)
     if args.memory_budget_mb:
-        estimator.fit_chunk_to_budget(problem, args.memory_budget_mb)
+        estimator.memory_budget = Budget(args.memory_budget_mb)
     params = estimator.engine(problem).num_params
     baseline = peak_rss_mb()
     start = time.perf_counter()

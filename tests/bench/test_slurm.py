@@ -204,3 +204,47 @@ def _temp_files_belong_to_dead_writers(directory: Path) -> bool:
     """A job killed mid-write may leave a hidden temp file; it must never look like a shard."""
     return all(p.name.endswith(".tmp") and p.name.startswith(".") for p in directory.iterdir()
                if not p.name.startswith("shard-") and not p.name.endswith(".lock"))
+
+
+@pytest.mark.timeout(1800)
+def test_sharded_factors_scores_and_merge_equal_one_job_bitwise(shared):
+    """A 3-job array of stage=factors (covariance shards, one eigendecomposition, eigenvalue
+    shards), a 3-job array of stage=score and a stage=merge job give one local job's scores
+    bit for bit."""
+    import torch
+
+    start = time.perf_counter()
+    name = f"tdab-{uuid.uuid4().hex[:6]}"
+    tiny = TINY["digits_mlp"]
+    common = ["estimator=ekfac", "estimator.batch_size=16", "estimator.chunk_size=16",
+              "memory_budget_mb=1000", "factors.num_shards=3", "score.num_shards=3"]
+    factors = _bench("-m", *_base(shared, "factors", name, tiny), *common, "stage=factors",
+                     "factors.shard=0,1,2")
+    assert factors.returncode == 0, factors.stdout + factors.stderr
+    factor_ids = _job_ids(shared / "factors")
+    assert len(factor_ids) == 3 and set(_states(factor_ids).values()) == {"COMPLETED"}
+    passes = sorted(p.parent.name.split("-")[1] for p in
+                    (shared / "cache" / "factors").rglob("shard-*-of-0003.pt"))
+    assert passes == ["covariance"] * 3 + ["eigenvalues"] * 3
+    scores = _bench("-m", *_base(shared, "score", name, tiny), *common, "stage=score",
+                    "score.shard=0,1,2")
+    assert scores.returncode == 0, scores.stdout + scores.stderr
+    score_ids = _job_ids(shared / "score")
+    assert len(score_ids) == 3 and set(_states(score_ids).values()) == {"COMPLETED"}
+    assert "Computing ekfac-" not in _job_logs(shared / "score")  # score jobs fitted nothing
+    merge = _bench("-m", *_base(shared, "merge", name, tiny), *common, "stage=merge")
+    assert merge.returncode == 0, merge.stdout + merge.stderr
+    merged = next((shared / "merge").glob("*/scores.pt"))
+    sharded = time.perf_counter()
+
+    # one local job on the same trained model, with its own cache (no shards, no factors; no
+    # ground truth: only the scores are compared), the same thread count and memory budget
+    shutil.copytree(shared / "cache" / "models", shared / "one" / "models")
+    local = _bench("task=digits_mlp", *tiny, "task.lds=null", "task.pbrf=null", "logger=none",
+                   "progress=false", *common[:4], "num_threads=1", f"cache_dir={shared / 'one'}",
+                   f"hydra.run.dir={shared / 'local'}")
+    assert local.returncode == 0, local.stdout + local.stderr
+    one = torch.load(shared / "local" / "scores.pt")
+    assert torch.equal(torch.load(merged), one)
+    print(f"\nslurm timings: 3-shard factors + score + merge {sharded - start:.1f} s, one local "
+          f"job {time.perf_counter() - sharded:.1f} s")

@@ -11,21 +11,25 @@ import pytest
 import torch
 
 from bench.cli import run
-from estimators.base import GRADIENT_COPIES, GradientEstimator
+from estimators import memory
+from estimators.base import GradientEstimator
 from estimators.grad_cos import GradCos
 from estimators.grad_dot import GradDot
+from estimators.memory import Budget
 
 
-def test_budget_sets_chunk_size_by_parameter_count(tiny_mlp):
+def test_budget_sets_chunk_size_from_the_memory_model(tiny_mlp):
     problem, _ = tiny_mlp
     estimator = GradDot(chunk_size=256)
-    params = estimator.engine(problem).num_params  # 64*8+8 + 8*10+10 = 610
-    per_example_mb = GRADIENT_COPIES * 4 * params / 2**20
-    assert estimator.fit_chunk_to_budget(problem, 7.5 * per_example_mb) == 7
-    assert estimator.fit_chunk_to_budget(problem, 1e-9) == 1  # at least one example
-    assert GradDot(chunk_size=4).fit_chunk_to_budget(problem, 1e6) == 4  # never raised
-    with pytest.raises(ValueError, match="memory_budget_mb"):
-        estimator.fit_chunk_to_budget(problem, 0)
+    plan = estimator.plan_memory(problem, Budget(1e6))
+    assert plan.chunk_size == 256  # never raised: the config value is the most
+    fixed = sum(plan.fixed.values())
+    tight = Budget((fixed + 7.5 * plan.per_example) / 2**20)
+    assert GradDot(chunk_size=256).plan_memory(problem, tight).chunk_size == 7
+    with pytest.raises(ValueError, match="before its first batch .*model.*memory_budget_mb"):
+        GradDot().plan_memory(problem, Budget(plan.fixed["model"] / 2**21))
+    with pytest.raises(ValueError, match="memory_budget_mb must be positive"):
+        memory.budget(0)
 
 
 @pytest.mark.parametrize("cls", [GradDot, GradCos])
@@ -38,14 +42,19 @@ def test_scores_do_not_depend_on_chunking(tiny_mlp, cls):
 
 
 def test_run_honours_memory_budget(make_cfg, monkeypatch):
-    chunks = []
-    fit = GradientEstimator.fit_chunk_to_budget
-    monkeypatch.setattr(GradientEstimator, "fit_chunk_to_budget",
-                        lambda self, *a: chunks.append(fit(self, *a)) or chunks[-1])
+    plans = []
+    plan = GradientEstimator.plan_memory
+
+    def recorded(self, problem, budget=None):
+        plans.append(plan(self, problem, budget))
+        return plans[-1]
+
+    monkeypatch.setattr(GradientEstimator, "plan_memory", recorded)
     plain = run(make_cfg("digits_mlp", "estimator=grad_dot"))
-    assert chunks == []
+    assert plans[-1].chunk_size == 256  # the default budget keeps the configured chunk size
     budget = run(make_cfg("digits_mlp", "estimator=grad_dot", "memory_budget_mb=0.5"))
-    assert chunks == [int(0.5 * 2**20 // (GRADIENT_COPIES * 4 * (65 * 64 + 65 * 10)))]
+    assert budget["memory_budget_mb"] == 0.5 and plans[-1].chunk_size < 120
+    assert plain["memory_budget_mb"] > 100
     assert budget["lds"] == pytest.approx(plain["lds"], abs=1e-6)
 
 

@@ -280,8 +280,9 @@ def test_facts_export_reloads_as_hf_lm(tiny_facts, tmp_path):
     for i in (0, len(problem.queries) - 1):
         assert torch.equal(reloaded.queries[i]["input_ids"], problem.queries[i]["input_ids"])
         assert torch.equal(reloaded.queries[i]["labels"], problem.queries[i]["labels"])
-    a = GradDot(chunk_size=32).score(problem)
-    b = GradDot(chunk_size=32).score(reloaded)
+    assert reloaded.modules == "blocks" and problem.modules is None  # hf_lm: blocks only
+    a = GradDot(chunk_size=32, modules="all").score(problem)
+    b = GradDot(chunk_size=32, modules="all").score(reloaded)
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 

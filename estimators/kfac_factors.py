@@ -1,0 +1,220 @@
+"""K-FAC's and EK-FAC's passes over the training set, as sums over blocks of examples.
+
+Block j holds the training examples [j·b, (j+1)·b) (b: the fit's batch size after the memory
+plan). Each pass's statistic is a sum of per-block terms, added as double-double pairs
+(:mod:`estimators.accumulate`), so shards of blocks computed as separate jobs and merged
+give the same bits as one job (``stage=factors``):
+
+* **covariance** (Grosse et al. 2023, eq. 18): per layer A = Σ ā āᵀ over the tokens that
+  carry gradient (non-zero output gradient: padding and positions that reach no loss are
+  left out, so A does not depend on how a block is padded), S = Σ g gᵀ over every token,
+  and the token count. A block's terms are one GEMM each in the gradient dtype (bf16
+  factors in float32), stored as upper triangles.
+* **eigenvalues** (EK-FAC, George et al. 2018; Grosse et al. eq. 20): per layer
+  Σₙ (Q_Sᵀ Gₙ Q_A)², from the rotated factors: Q_Sᵀ Gₙ Q_A = Σₜ (Q_Sᵀ gₜ)(Q_Aᵀ āₜ)ᵀ costs
+  T·(o² + i²) + T·o·i multiply-adds per example instead of rotating a formed Gₙ's
+  o·i·(o + i); one layer's ``[b, o, i]`` exists at a time.
+
+True-Fisher targets are drawn per example, from a generator seeded by the fit's seed, the
+pass and the example's index, so the draws do not depend on the blocks either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from estimators.accumulate import Compensated, pack_symmetric, unpack_symmetric
+from estimators.gradients import GradientEngine
+from estimators.options import OptionError
+from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
+
+FISHERS = ("true", "empirical")
+LossFn = Callable[[nn.Module, Batch, int], Tensor]  # (model, batch, index of its first example)
+
+
+def select(batch: Batch, index: int) -> Batch:
+    """Example ``index`` of a (nested) batch, keeping the batch dimension."""
+    if isinstance(batch, Tensor):
+        return batch[index:index + 1]
+    if isinstance(batch, dict):
+        return {k: select(v, index) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(select(v, index) for v in batch)
+    return batch
+
+
+def concat(batches: list[Batch]) -> Batch:
+    """The inverse of :func:`select` over a list of one-example batches."""
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: concat([b[k] for b in batches]) for k in first}
+    if isinstance(first, list | tuple):
+        return type(first)(concat(list(parts)) for parts in zip(*batches, strict=True))
+    return first
+
+
+def example_generator(seed: int, pass_id: int, index: int) -> torch.Generator:
+    """The generator of one example's sampled targets in one pass."""
+    return torch.Generator().manual_seed((seed * 2_654_435_761 + pass_id * 97 + index * 40_503)
+                                         % (2**63 - 1))
+
+
+def fisher_loss(problem: AttributionProblem, fisher: str, seed: int, pass_id: int) -> LossFn:
+    """The per-example loss ``[B]`` whose gradients sample the Fisher.
+
+    ``true``: each example's targets drawn from the model's predictive distribution
+    (:func:`example_generator`); ``empirical``: the data labels (the training loss itself).
+    """
+    if fisher == "empirical":
+        return lambda model, batch, start: problem.train_loss(model, batch)
+    if problem.sample_targets is None:
+        raise OptionError("This task defines no sample_targets, so the true Fisher cannot be "
+                          "sampled; use {fisher=empirical}.")
+
+    def sampled_loss(model: nn.Module, batch: Batch, start: int) -> Tensor:
+        outputs = problem.outputs(model, batch)
+        n = outputs.shape[0]
+        drawn = [problem.sample_targets(outputs[b:b + 1], select(batch, b),
+                                        example_generator(seed, pass_id, start + b))
+                 for b in range(n)]
+        return problem.loss(outputs, concat(drawn))
+
+    return sampled_loss
+
+
+def n_blocks(problem: AttributionProblem, block: int) -> int:
+    return -(-problem.n_train // block)
+
+
+def block_batch(problem: AttributionProblem, j: int, block: int) -> tuple[Batch, int]:
+    """``(batch on the problem's device, index of its first example)`` of block ``j``."""
+    start = j * block
+    indices = range(start, min(start + block, problem.n_train))
+    loader = DataLoader(Subset(problem.train, indices), batch_size=len(indices),
+                        collate_fn=problem.collate_fn)
+    return move_to(next(iter(loader)), problem.device), start
+
+
+def accumulation_dtype(model: nn.Module) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) \
+        else torch.float32
+
+
+def _finite(name: str, *tensors: Tensor) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise FloatingPointError(
+            f"Non-finite activations or gradients in layer '{name}' while fitting K-FAC "
+            "factors: check the model and inputs, or train in float64.")
+
+
+def covariance_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
+                    block: int, blocks: list[int]) -> dict[str, Tensor]:
+    """The covariance sums of ``blocks``: ``{values [U], "<layer>|A|hi", ...}`` (A and S as
+    packed upper triangles, double-double; token counts)."""
+    dtype = accumulation_dtype(problem.model)
+    sums: dict[str, Compensated] = {}
+    tokens: dict[str, int] = {}
+    counts = []
+    with eval_mode(problem.model):
+        for j in blocks:
+            batch, start = block_batch(problem, j, block)
+            captured = engine.capture(lambda m, b, s=start: loss_fn(m, b, s), batch)
+            counts.append(next(iter(captured.values()))[0].shape[0])
+            for name, (a, g) in captured.items():
+                _finite(name, a, g)
+                a, g = a.to(dtype), g.to(dtype)
+                carries = (g != 0).any(-1)  # [B, T]: tokens with gradient
+                a_used = a[carries]
+                tokens[name] = tokens.get(name, 0) + int(a_used.shape[0])
+                g_flat = g.reshape(-1, g.shape[-1])
+                sums.setdefault(f"{name}|A", Compensated()).add(pack_symmetric(a_used.T @ a_used))
+                sums.setdefault(f"{name}|S", Compensated()).add(pack_symmetric(g_flat.T @ g_flat))
+            del captured
+    payload = {"values": torch.tensor(counts, dtype=torch.float64)}
+    for key, acc in sums.items():
+        payload[f"{key}|hi"], payload[f"{key}|lo"] = acc.hi, acc.lo
+    for name, n in tokens.items():
+        payload[f"{name}|tokens"] = torch.tensor(n, dtype=torch.int64)
+    return payload
+
+
+def _merged(payloads: list[dict[str, Tensor]], key: str) -> Tensor:
+    """The float64 sum of one statistic over a split's payloads; its partial sums are
+    dropped from the payloads as they are added (so memory falls as results are built)."""
+    total = Compensated()
+    for p in payloads:  # a shard of no blocks has no sums
+        if f"{key}|hi" in p:
+            total.merge(Compensated(p.pop(f"{key}|hi"), p.pop(f"{key}|lo")))
+    return total.value()
+
+
+def eigenbasis(payloads: list[dict[str, Tensor]], engine: GradientEngine, n_train: int,
+               dtype: torch.dtype) -> dict[str, dict[str, Tensor]]:
+    """From a complete split's covariance payloads, one layer at a time: A (averaged over
+    the tokens that carry gradient) and S (over examples) in float64, eigendecomposed, stored
+    in ``dtype``; ``lam`` holds K-FAC's Λᵢⱼ = sᵢ aⱼ ``[o, i]``."""
+    out = {}
+    for layer in engine.layers:
+        o, i = layer.shape
+        n_tok = sum(int(p.get(f"{layer.name}|tokens", 0)) for p in payloads)
+        a = unpack_symmetric(_merged(payloads, f"{layer.name}|A"), i) / max(n_tok, 1)
+        eig_a, q_a = torch.linalg.eigh(a)
+        del a
+        s = unpack_symmetric(_merged(payloads, f"{layer.name}|S"), o) / n_train
+        eig_s, q_s = torch.linalg.eigh(s)
+        del s
+        lam = eig_s.clamp(min=0)[:, None] * eig_a.clamp(min=0)[None, :]
+        out[layer.name] = {"q_a": q_a.to(dtype), "q_s": q_s.to(dtype), "lam": lam.to(dtype)}
+    return out
+
+
+def finish_bytes(engine: GradientEngine) -> float:
+    """Transient bytes of one layer's eigendecomposition (float64 matrix, vectors, work)."""
+    return 8.0 * 3 * max(max(o, i) ** 2 for o, i in (layer.shape for layer in engine.layers))
+
+
+def eigenvalue_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
+                    basis: dict[str, dict[str, Tensor]], block: int,
+                    blocks: list[int]) -> dict[str, Tensor]:
+    """The sums Σₙ (Q_Sᵀ Gₙ Q_A)² of ``blocks``: ``{values [U], "<layer>|hi", "|lo"}``."""
+    dtype = accumulation_dtype(problem.model)
+    sums: dict[str, Compensated] = {}
+    counts = []
+    with eval_mode(problem.model):
+        for j in blocks:
+            batch, start = block_batch(problem, j, block)
+            captured = engine.capture(lambda m, b, s=start: loss_fn(m, b, s), batch)
+            counts.append(next(iter(captured.values()))[0].shape[0])
+            for name, (a, g) in captured.items():
+                _finite(name, a, g)
+                q_a = basis[name]["q_a"].to(device=a.device, dtype=dtype)
+                q_s = basis[name]["q_s"].to(device=a.device, dtype=dtype)
+                rotated = torch.einsum("bto,bti->boi", g.to(dtype) @ q_s, a.to(dtype) @ q_a)
+                sums.setdefault(name, Compensated()).add(rotated.pow_(2).sum(0))
+                del rotated
+            del captured
+    payload = {"values": torch.tensor(counts, dtype=torch.float64)}
+    for name, acc in sums.items():
+        payload[f"{name}|hi"], payload[f"{name}|lo"] = acc.hi, acc.lo
+    return payload
+
+
+def eigenvalues(payloads: list[dict[str, Tensor]], engine: GradientEngine, n_train: int,
+                dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{layer: Λ [o, i]}`` = (1/N) Σₙ (Q_Sᵀ Gₙ Q_A)², stored in ``dtype``."""
+    return {layer.name: (_merged(payloads, layer.name) / n_train).to(dtype)
+            for layer in engine.layers}
+
+
+def accumulator_bytes(engine: GradientEngine, which: str) -> float:
+    """Bytes of a pass's double-double sums (two float64 per number)."""
+    total = 0
+    for o, i in (layer.shape for layer in engine.layers):
+        total += i * (i + 1) // 2 + o * (o + 1) // 2 if which == "covariance" else o * i
+    return 16.0 * total
