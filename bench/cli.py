@@ -21,6 +21,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -95,7 +96,13 @@ def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run(cfg)
-    except USER_ERRORS as err:
+    except Exception as raised:
+        err = user_error(raised)
+        if err is None:
+            if multirun:  # a bug: leave a trace the leaderboard's "Not run" shows, then fail
+                log.exception("job failed")
+                write_error(cfg, f"{type(raised).__name__}: {raised}", traceback.format_exc())
+            raise
         if os.environ.get("TDA_BENCH_DEBUG"):
             raise
         log.error("%s", err)
@@ -104,11 +111,14 @@ def main(cfg: DictConfig) -> None:
             write_error(cfg, str(err))
             return
         sys.exit(2)
-    except Exception as err:
-        if multirun:  # a bug: leave a trace the leaderboard's "Not run" shows, then fail as usual
-            log.exception("job failed")
-            write_error(cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
-        raise
+
+
+def user_error(err: Exception) -> Exception | None:
+    """The user error in ``err``: itself, or the one a constructor raised while Hydra
+    instantiated a config (an invalid estimator setting, a missing optional library)."""
+    if isinstance(err, InstantiationException):
+        err = err.__cause__
+    return err if isinstance(err, USER_ERRORS) else None
 
 
 def write_error(cfg: DictConfig, error: str, trace: str | None = None) -> None:

@@ -20,7 +20,9 @@ Preconditioning a query gradient V ``[d_out, d_in(+1)]`` of a layer (Grosse et a
     P V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ₂ + λ)] Q_Aᵀ
 
 with λ₂ the task's L2 coefficient and λ the damping: a number, or per layer 0.1 × mean(Λ)
-when ``damping: null`` (as kronfluence). The gradients g come from ``fisher: true`` (targets
+when ``damping: null`` (kronfluence's heuristic, here on top of λ₂, which kronfluence lacks:
+on a task with λ₂ > 0 its default divides by Λ + 0.1 mean(Λ), this by Λ + λ₂ + 0.1 mean(Λ)).
+The gradients g come from ``fisher: true`` (targets
 sampled from the model, ``problem.sample_targets``, seeded) or ``fisher: empirical`` (data
 labels). Optional ``query_rank`` keeps the rank-r SVD of each preconditioned query gradient
 (Grosse et al. §3.2.3). Fitted factors are cached under ``cache_dir`` by the problem's ``key``
@@ -48,7 +50,7 @@ from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 log = logging.getLogger(__name__)
 
 FISHERS = ("true", "empirical")
-HEURISTIC_DAMPING = 0.1  # kronfluence's damping = 0.1 × mean eigenvalue
+HEURISTIC_DAMPING = 0.1  # damping: null = λ₂ + 0.1 × mean eigenvalue (kronfluence: no λ₂)
 FACTORS_VERSION = 1  # bump when the factor computation changes (part of the cache key)
 
 Factors = dict[str, dict[str, Tensor]]  # layer -> {"q_a" [i, i], "q_s" [o, o], "lam" [o, i]}
@@ -155,7 +157,7 @@ class KFAC(GradientEstimator):
     Args:
         fisher: ``true`` (targets sampled from the model, default) or ``empirical``.
         damping: λ added to the eigenvalues (on top of the task's λ₂); None for the
-            per-layer heuristic 0.1 × mean(Λ).
+            per-layer heuristic 0.1 × mean(Λ), also on top of λ₂.
         batch_size: training examples per batch of the factor passes.
         query_rank: keep the rank-r SVD of each preconditioned query gradient per layer
             (Grosse et al. §3.2.3); None keeps it exact.
