@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator
-from estimators.options import positive
+from estimators.options import GradientOptions, positive
 from estimators.peers.common import (
     FlatBatches,
     check_per_example_vmap,
@@ -85,7 +85,7 @@ class Dattri(Estimator):
 
     def __init__(self, modules: str | None = None, chunk_size: int | None = 256):
         require("dattri", self.name)
-        self.modules = modules
+        self.modules = GradientOptions(modules).modules  # validated as for our estimators
         self.chunk_size = positive("chunk_size", chunk_size, integer=True, allow_none=True)
         self.attributor = None
         self.batches: FlatBatches | None = None
@@ -125,7 +125,7 @@ class Dattri(Estimator):
             self.fit(problem)
         train = self.batches.loader(problem, "train", self.chunk_size)
         with torch.enable_grad(), per_example_vmap(self.name, self.ours):
-            return self.attributor.self_attribute(train).detach().cpu()
+            return self.attributor.self_attribute(train).detach().cpu().reshape(-1)
 
 
 def check_parameters(problem: AttributionProblem, modules: str | None, max_params: int,

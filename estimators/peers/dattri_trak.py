@@ -82,3 +82,16 @@ class DattriTRAK(Dattri):
 
     def attribute(self, train, queries) -> Tensor:
         return self.attributor.attribute(queries)  # dattri's TRAK takes the queries first
+
+    def self_influence(self, problem: AttributionProblem) -> Tensor:
+        """``[n_train]``: dattri's ``self_attribute``, given the training loader (dattri 0.3.0's
+        TRAK cannot self-attribute from its cache, so the cache is set aside meanwhile)."""
+        if self.attributor is None:
+            self.fit(problem)
+        cached, self.attributor.full_train_dataloader = self.attributor.full_train_dataloader, None
+        try:
+            with torch.enable_grad():
+                train = self.batches.loader(problem, "train", self.chunk_size)
+                return self.attributor.self_attribute(train).detach().cpu().reshape(-1)
+        finally:
+            self.attributor.full_train_dataloader = cached

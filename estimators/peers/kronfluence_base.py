@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from estimators.base import Estimator
 from estimators.gradients import tracked_layers
-from estimators.options import bounded, choice, number, positive
+from estimators.options import GradientOptions, bounded, choice, number, positive
 from estimators.peers.common import Scratch, require
 from estimators.problem import AttributionProblem, Batch
 
@@ -61,6 +61,18 @@ def problem_task(problem: AttributionProblem, modules: list[str], generator: tor
             return modules
 
     return ProblemTask()
+
+
+class _Root(nn.Module):
+    """The model as a child module: kronfluence wraps tracked modules in their parent, so a
+    model that is itself a tracked layer (a bare ``nn.Linear``) needs one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
 
 
 class Kronfluence(Estimator):
@@ -92,8 +104,8 @@ class Kronfluence(Estimator):
         self.damping = bounded("damping", damping, 0, allow_none=True)
         self.batch_size = positive("batch_size", batch_size, integer=True)
         self.seed = number("seed", seed, integer=True)
-        self.modules = modules
-        self.chunk_size = positive("chunk_size", chunk_size, integer=True)
+        options = GradientOptions(modules, chunk_size)  # validated as for our estimators
+        self.modules, self.chunk_size = options.modules, options.chunk_size
         self.query_batch_size = positive("query_batch_size", query_batch_size, integer=True,
                                          allow_none=True)
         self.scratch = Scratch(scratch_dir, keep_scratch)
@@ -112,11 +124,17 @@ class Kronfluence(Estimator):
         return dataset.DataLoaderKwargs(collate_fn=problem.collate_fn)
 
     def fit(self, problem: AttributionProblem) -> None:
+        if self.fisher == "true" and problem.sample_targets is None:
+            raise ValueError("This task defines no sample_targets, so the true Fisher cannot be "
+                             "sampled; set estimator.fisher=empirical.")
         analyzer_module = require("kronfluence.analyzer", self.name)
         generator = torch.Generator().manual_seed(self.seed)
         modules = [layer.name for layer in tracked_layers(problem.model, self.modules)]
+        model = copy.deepcopy(problem.model)
+        if "" in modules:  # the model is a tracked layer itself
+            model, modules = _Root(model), [f"inner.{m}".rstrip(".") for m in modules]
         task = problem_task(problem, modules, generator)
-        model = analyzer_module.prepare_model(copy.deepcopy(problem.model), task)
+        model = analyzer_module.prepare_model(model, task)
         self.analyzer = analyzer_module.Analyzer(
             NAME, model, task, cpu=problem.device.type == "cpu", disable_tqdm=True,
             log_level=logging.WARNING, output_dir=str(self.scratch.path))

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from estimators.base import Estimator
-from estimators.options import bounded, number, positive
+from estimators.options import GradientOptions, bounded, number, positive
 from estimators.peers.common import (
     FlatBatches,
     Scratch,
@@ -89,8 +89,8 @@ class Traker(Estimator):
         self.projection_dim = positive("projection_dim", projection_dim, integer=True)
         self.damping = bounded("damping", damping, 0)
         self.seed = number("seed", seed, integer=True)
-        self.modules = modules
-        self.chunk_size = positive("chunk_size", chunk_size, integer=True)
+        options = GradientOptions(modules, chunk_size)  # validated as for our estimators
+        self.modules, self.chunk_size = options.modules, options.chunk_size
         self.scratch = Scratch(scratch_dir, keep_scratch)
         self.traker = None
         self.states: list[dict] = []

@@ -106,6 +106,16 @@ def test_kronfluence_kfac_and_ekfac_equal_ours_at_matched_damping(tiny_mlp, tmp_
     assert not (tmp_path / "scratch").exists()  # removed after scoring
 
 
+def test_kronfluence_on_a_model_that_is_one_layer(tiny_logreg):
+    """A bare ``nn.Linear`` (kronfluence wraps tracked modules inside their parent)."""
+    pytest.importorskip("kronfluence")
+    from estimators.peers.kronfluence_ekfac import KronfluenceEKFAC
+
+    a = scores(EKFAC(fisher="empirical", damping=1e-3), tiny_logreg)
+    b = scores(KronfluenceEKFAC(fisher="empirical", damping=1e-3), tiny_logreg)
+    assert pearson(a, b) >= PARITY
+
+
 def test_kronfluence_heuristic_damping_differs_from_ours_by_l2(tiny_mlp):
     """``damping: null``: both add 0.1 × mean(Λ) per layer, ours also λ₂ (docs/estimators.md):
     adding λ₂ by hand to kronfluence's heuristic is not possible, so the two differ; with the
@@ -248,6 +258,29 @@ def test_dattri_trak_runs_and_is_positive_for_proponents(tiny_logreg):
                   tiny_logreg)
     peer = scores(DattriTRAK(n_models=1, projection_dim=32, regularization=1e-6), tiny_logreg)
     assert pearson(ours, peer) > 0.5
+
+
+# self-influence (mislabel detection) -------------------------------------------------------
+
+def test_peer_self_influence_equals_ours(tiny_mlp):
+    """∇Lᵀ P ∇L: kronfluence's EK-FAC self scores and dattri's Grad-Dot against ours; dattri's
+    TRAK self-influence (from its uncached path) is finite and positive."""
+    pytest.importorskip("kronfluence")
+    pytest.importorskip("dattri")
+    from estimators.peers.dattri_grad_dot import DattriGradDot
+    from estimators.peers.dattri_trak import DattriTRAK
+    from estimators.peers.kronfluence_ekfac import KronfluenceEKFAC
+
+    problem, _ = tiny_mlp
+    settings = {"fisher": "empirical", "damping": 1e-2, "batch_size": 16}
+    ours, peer = EKFAC(**settings), KronfluenceEKFAC(**settings)
+    ours.fit(problem)
+    assert pearson(ours.self_influence(problem), peer.self_influence(problem)) >= PARITY
+    dot = DattriGradDot(chunk_size=16)
+    assert pearson(GradDot().self_influence(problem), dot.self_influence(problem)) >= PARITY
+    trak = DattriTRAK(n_models=1, projection_dim=16, regularization=1e-6)
+    values = trak.self_influence(problem)
+    assert values.shape == (problem.n_train,) and torch.isfinite(values).all()
 
 
 # refusals with the library installed ---------------------------------------------------------
