@@ -20,7 +20,9 @@ Preconditioning a query gradient V ``[d_out, d_in(+1)]`` of a layer (Grosse et a
     P V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ₂ + λ)] Q_Aᵀ
 
 with λ₂ the task's L2 coefficient and λ the damping: a number, or per layer 0.1 × mean(Λ)
-when ``damping: null`` (as kronfluence). The gradients g come from ``fisher: true`` (targets
+when ``damping: null`` (kronfluence's heuristic, here on top of λ₂, which kronfluence lacks:
+on a task with λ₂ > 0 its default divides by Λ + 0.1 mean(Λ), this by Λ + λ₂ + 0.1 mean(Λ)).
+The gradients g come from ``fisher: true`` (targets
 sampled from the model, ``problem.sample_targets``, seeded) or ``fisher: empirical`` (data
 labels).
 
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 
 FISHERS = passes.FISHERS
 QUERY_SVDS = ("randomized", "exact")
-HEURISTIC_DAMPING = 0.1  # kronfluence's damping = 0.1 × mean eigenvalue
+HEURISTIC_DAMPING = 0.1  # damping: null = λ₂ + 0.1 × mean eigenvalue (kronfluence: no λ₂)
 FACTORS_VERSION = 2  # bump when the factor computation changes (part of the cache key)
 
 Factors = dict[str, dict[str, Tensor]]  # layer -> {"q_a" [i, i], "q_s" [o, o], "lam" [o, i]}
@@ -94,7 +96,7 @@ class KFAC(GradientEstimator):
     Args:
         fisher: ``true`` (targets sampled from the model, default) or ``empirical``.
         damping: λ added to the eigenvalues (on top of the task's λ₂); None for the
-            per-layer heuristic 0.1 × mean(Λ).
+            per-layer heuristic 0.1 × mean(Λ), also on top of λ₂.
         batch_size: training examples per block of the factor passes (at most: the memory
             budget may lower it).
         query_rank: keep rank-r factors of each preconditioned query gradient per layer

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
-from bench.cli import CONF_DIR, run
+from bench.cli import CONF_DIR, run, user_error
 from bench.report.leaderboard import build
 from tests.helpers import TINY, cli
 
@@ -46,10 +46,46 @@ def test_records_of_a_run(make_cfg):
 # run on the fact task instead of digits
 FACTS_ONLY = {"bm25", "trackstar"}
 USER_DATA = {"hf_lm"}  # need a user's model and jsonl files (tests/test_facts.py runs it)
+# The peers (estimators/peers/) and their libraries (the optional extra); bergson always
+# refuses. They run on the convex task: dattri's Hessian-based peers diverge (LiSSA, Arnoldi)
+# on the MLP's indefinite Hessian. Defaults cut short where they are long.
+PEER_LIBRARIES = {"kronfluence": "kronfluence", "dattri": "dattri", "traker": "trak",
+                  "bergson": None}
+PEERS = {e: PEER_LIBRARIES[e.split("_")[0]] for e in ESTIMATORS
+         if e.split("_")[0] in PEER_LIBRARIES}
+PEER_SHORT = {"dattri_lissa": ["estimator.depth=5", "estimator.power_iterations=2"],
+              "dattri_arnoldi": ["estimator.iterations=8", "estimator.rank=4"],
+              "dattri_trak": ["estimator.n_models=2", "estimator.regularization=1e-4"],
+              "traker": ["estimator.n_models=2"]}
+
+
+def installed(library: str | None) -> bool:
+    try:
+        return library is not None and __import__(library) is not None
+    except ImportError:
+        return False
+
+
+def run_or_refuse(cfg, estimator: str) -> dict | None:
+    """A peer's record, or None after checking its one-sentence refusal: the extra is not
+    installed (or the peer is bergson)."""
+    if installed(PEERS[estimator]):
+        return run(cfg)
+    with pytest.raises(Exception) as raised:
+        run(cfg)
+    refusal = str(user_error(raised.value))
+    expected = "bergson cannot run" if PEERS[estimator] is None else 'pip install -e ".[peers]"'
+    assert expected in refusal and refusal.count(". ") == 0, refusal
+    return None
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_every_estimator_config_runs_on_a_tiny_task(make_cfg, estimator):
+    if estimator in PEERS:
+        record = run_or_refuse(make_cfg("digits_logreg", f"estimator={estimator}",
+                                        *PEER_SHORT.get(estimator, [])), estimator)
+        assert record is None or -1.0 <= record["lds"] <= 1.0
+        return
     if estimator in FACTS_ONLY:
         record = run(make_cfg("facts", f"estimator={estimator}"))
         assert 0.0 < record["mrr"] <= 1.0
@@ -59,8 +95,11 @@ def test_every_estimator_config_runs_on_a_tiny_task(make_cfg, estimator):
     assert record["estimator"] == estimator
 
 
-# explicit on a language model forms a Jacobian over every token × vocabulary entry
-FACTS_REFUSED = {"explicit"}
+# explicit on a language model forms a Jacobian over every token × vocabulary entry; the
+# dattri and TRAK peers take per-example gradients with torch.func.vmap, which refuses the
+# branches of transformers' attention masks (tests/estimators/test_peers.py checks the
+# refusal), and bergson always refuses
+FACTS_REFUSED = {"explicit", *(e for e, lib in PEERS.items() if lib != "kronfluence")}
 
 
 @pytest.mark.parametrize("estimator", sorted(set(ESTIMATORS) - FACTS_ONLY - FACTS_REFUSED))
@@ -70,6 +109,11 @@ def test_every_estimator_config_runs_on_a_tiny_language_model(make_cfg, estimato
     differentiate through attention twice."""
     short = {"lissa": ["estimator.depth=3", "estimator.power_iterations=2"],
              "arnoldi": ["estimator.iterations=4", "estimator.rank=2"]}.get(estimator, [])
+    if estimator in PEERS:
+        record = run_or_refuse(make_cfg("facts", f"estimator={estimator}",
+                                        "fact_metrics.with_tail_patch=false"), estimator)
+        assert record is None or 0.0 < record["mrr"] <= 1.0
+        return
     record = run(make_cfg("facts", f"estimator={estimator}", *short,
                           "fact_metrics.with_tail_patch=false"))
     assert 0.0 < record["mrr"] <= 1.0 and record["estimator"] == estimator
