@@ -129,7 +129,8 @@ class Kronfluence(Estimator):
                              "sampled; set estimator.fisher=empirical.")
         analyzer_module = require("kronfluence.analyzer", self.name)
         generator = torch.Generator().manual_seed(self.seed)
-        modules = [layer.name for layer in tracked_layers(problem.model, self.modules or problem.modules)]
+        tracked = tracked_layers(problem.model, self.modules or problem.modules)
+        modules = [layer.name for layer in tracked]
         model = copy.deepcopy(problem.model)
         if "" in modules:  # the model is a tracked layer itself
             model, modules = _Root(model), [f"inner.{m}".rstrip(".") for m in modules]
