@@ -154,6 +154,18 @@ def _merged(payloads: list[dict[str, Tensor]], key: str) -> Tensor:
     return total.value()
 
 
+def covariance(payloads: list[dict[str, Tensor]], name: str, shape: tuple[int, int],
+               which: str, n_train: int) -> Tensor:
+    """One layer's K-FAC factor in float64 from a complete split's covariance payloads:
+    ``A [i, i]`` averaged over the tokens that carry gradient, or ``S [o, o]`` over examples
+    (its partial sums are dropped from the payloads)."""
+    o, i = shape
+    if which == "A":
+        n_tok = sum(int(p.get(f"{name}|tokens", 0)) for p in payloads)
+        return unpack_symmetric(_merged(payloads, f"{name}|A"), i) / max(n_tok, 1)
+    return unpack_symmetric(_merged(payloads, f"{name}|S"), o) / n_train
+
+
 def eigenbasis(payloads: list[dict[str, Tensor]], engine: GradientEngine, n_train: int,
                dtype: torch.dtype) -> dict[str, dict[str, Tensor]]:
     """From a complete split's covariance payloads, one layer at a time: A (averaged over
@@ -161,14 +173,8 @@ def eigenbasis(payloads: list[dict[str, Tensor]], engine: GradientEngine, n_trai
     in ``dtype``; ``lam`` holds K-FAC's Λᵢⱼ = sᵢ aⱼ ``[o, i]``."""
     out = {}
     for layer in engine.layers:
-        o, i = layer.shape
-        n_tok = sum(int(p.get(f"{layer.name}|tokens", 0)) for p in payloads)
-        a = unpack_symmetric(_merged(payloads, f"{layer.name}|A"), i) / max(n_tok, 1)
-        eig_a, q_a = torch.linalg.eigh(a)
-        del a
-        s = unpack_symmetric(_merged(payloads, f"{layer.name}|S"), o) / n_train
-        eig_s, q_s = torch.linalg.eigh(s)
-        del s
+        eig_a, q_a = torch.linalg.eigh(covariance(payloads, layer.name, layer.shape, "A", n_train))
+        eig_s, q_s = torch.linalg.eigh(covariance(payloads, layer.name, layer.shape, "S", n_train))
         lam = eig_s.clamp(min=0)[:, None] * eig_a.clamp(min=0)[None, :]
         out[layer.name] = {"q_a": q_a.to(dtype), "q_s": q_s.to(dtype), "lam": lam.to(dtype)}
     return out

@@ -9,7 +9,8 @@ YAML's values and the caller's overrides. No name is listed here; a YAML added t
 Two keys of the YAMLs come from the run rather than the estimator: ``${seed}`` takes the
 ``seed`` argument, and the keys derived from the run's ``${cache_dir}`` (``cache_dir`` of
 kfac/ekfac, ``index_dir``) are off (None: nothing is written to disk) unless ``cache_dir``
-is given.
+is given; keys derived from Hydra's run folder (a peer's ``scratch_dir``) are None (a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ def estimator_config(name: str, *, seed: int = 0, cache_dir: str | None = None,
     and ``cache_dir`` (see the module docstring)."""
     cfg = _composed(str(name), tuple(map(str, searchpath))).copy()
     node = cfg[GROUP]
-    if cache_dir is None:
-        for key in list(node):
-            if OmegaConf.is_interpolation(node, key) and "cache_dir" in str(
-                    node._get_node(key)._value()):
-                node[key] = None
+    for key in list(node):
+        if not OmegaConf.is_interpolation(node, key):
+            continue
+        value = str(node._get_node(key)._value())
+        # Outside a Hydra run there is no run folder: a peer's scratch_dir is a temporary one.
+        if "hydra:" in value or (cache_dir is None and "cache_dir" in value):
+            node[key] = None
     cfg.seed = int(seed)
     cfg.cache_dir = None if cache_dir is None else str(cache_dir)
     return OmegaConf.to_container(node, resolve=True)

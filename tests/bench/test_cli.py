@@ -11,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
-from bench.cli import CONF_DIR, run, user_error
+from bench.cli import CONF_DIR, run
+from bench.errors import user_message
 from bench.report.leaderboard import build
 from tests.helpers import TINY, cli
 
@@ -73,7 +74,7 @@ def run_or_refuse(cfg, estimator: str) -> dict | None:
         return run(cfg)
     with pytest.raises(Exception) as raised:
         run(cfg)
-    refusal = str(user_error(raised.value))
+    refusal = user_message(raised.value)
     expected = "bergson cannot run" if PEERS[estimator] is None else 'pip install -e ".[peers]"'
     assert expected in refusal and refusal.count(". ") == 0, refusal
     return None

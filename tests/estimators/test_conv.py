@@ -13,8 +13,9 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 from torch.utils.data import TensorDataset
 
+from estimators import kfac_factors
 from estimators.arnoldi import Arnoldi
-from estimators.ekfac import EKFAC, KFAC, covariance_factors
+from estimators.ekfac import EKFAC, KFAC
 from estimators.explicit import Explicit
 from estimators.grad_cos import GradCos
 from estimators.grad_dot import GradDot
@@ -151,8 +152,13 @@ def test_kfac_factors_are_patch_and_position_statistics(cnn):
     head = nn.Sequential(*list(model)[3:])
     (g,) = torch.autograd.grad(cross_entropy_sum(head(out), y).sum(), out)
     g = g.flatten(2).transpose(1, 2)  # [N, T, C_out]
-    factors = covariance_factors(cnn, GradientEngine(model), cnn.train_loss, batch_size=7)
-    a_factor, s_factor = factors["2"]
+    engine = GradientEngine(model)
+    loss_fn = kfac_factors.fisher_loss(cnn, "empirical", 0, 0)
+    blocks = list(range(kfac_factors.n_blocks(cnn, 7)))
+    payloads = [kfac_factors.covariance_pass(cnn, engine, loss_fn, 7, blocks)]
+    layer = next(layer for layer in engine.layers if layer.name == "2")
+    a_factor, s_factor = (kfac_factors.covariance(payloads, "2", layer.shape, which, cnn.n_train)
+                          for which in ("A", "S"))
     torch.testing.assert_close(a_factor, torch.einsum("nti,ntj->ij", patches, patches) / (24 * 9))
     torch.testing.assert_close(s_factor, torch.einsum("nto,ntp->op", g, g) / 24)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from bench.cli import user_error
+from bench.errors import user_message
 from estimators.peers.bergson import Bergson
 from estimators.peers.common import FlatBatches, Scratch, require
 from estimators.problem import AttributionProblem
@@ -53,7 +53,7 @@ def test_every_peer_refuses_on_construction_without_its_library(make_cfg, monkey
     for estimator in estimators:
         with pytest.raises(Exception) as raised:
             instantiate(make_cfg("digits_logreg", f"estimator={estimator}").estimator)
-        assert str(user_error(raised.value)) == refusal(estimator, library)
+        assert user_message(raised.value) == refusal(estimator, library)
 
 
 def test_require_names_the_extra():
