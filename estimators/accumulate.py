@@ -15,6 +15,9 @@ Symmetric matrices (covariances) are stored as their upper triangle, half the me
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -70,3 +73,24 @@ def unpack_symmetric(packed: Tensor, n: int) -> Tensor:
     out[rows, cols] = packed
     out[cols, rows] = packed
     return out
+
+
+@dataclass(frozen=True)
+class FitPass:
+    """One pass of a fit over the training set whose result is a sum over blocks.
+
+    Attributes:
+        name: the pass (``covariance``, ``eigenvalues``).
+        key: a hash of everything that determines its partial sums (cache identity).
+        n_blocks: how many blocks of examples the training set is split into.
+        compute: ``blocks -> payload`` of tensors: the partial sums over those blocks, with
+            ``values [len(blocks)]`` (each block's example count).
+        finish: ``payloads of a complete split -> None``: combines the partial sums (in any
+            order: :mod:`estimators.accumulate`) into the estimator's state.
+    """
+
+    name: str
+    key: str
+    n_blocks: int
+    compute: Callable[[list[int]], dict[str, Tensor]]
+    finish: Callable[[list[dict[str, Tensor]]], None]

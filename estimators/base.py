@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from estimators import candidates as lexical
 from estimators import memory, scoring
+from estimators.accumulate import FitPass
 from estimators.gradients import GradientEngine, LayerGrads, dot, score_dtype
 from estimators.index import GradientIndex, fingerprint, read_rows
 from estimators.layerwise import IDENTITY, LayerPreconditioner
@@ -43,27 +43,6 @@ from estimators.options import (
 )
 from estimators.problem import AttributionProblem, eval_mode, move_to
 from estimators.projection import Projector
-
-
-@dataclass(frozen=True)
-class FitPass:
-    """One pass of a fit over the training set whose result is a sum over blocks.
-
-    Attributes:
-        name: the pass (``covariance``, ``eigenvalues``).
-        key: a hash of everything that determines its partial sums (cache identity).
-        n_blocks: how many blocks of examples the training set is split into.
-        compute: ``blocks -> payload`` of tensors: the partial sums over those blocks, with
-            ``values [len(blocks)]`` (each block's example count).
-        finish: ``payloads of a complete split -> None``: combines the partial sums (in any
-            order: :mod:`estimators.accumulate`) into the estimator's state.
-    """
-
-    name: str
-    key: str
-    n_blocks: int
-    compute: Callable[[list[int]], dict[str, Tensor]]
-    finish: Callable[[list[dict[str, Tensor]]], None]
 
 
 class Estimator(ABC):
@@ -111,6 +90,9 @@ class Estimator(ABC):
             f"{type(self).__name__} cannot compute self-influence; use grad_dot, explicit, "
             "tracin or trak for mislabel detection.")
 
+
+# The inherited fit runs a subclass's fit passes (generators): it names the estimator too.
+names_arguments(Estimator, "estimator", ("fit",))
 
 # What the estimators that precondition exact gradients with a curvature (explicit, kfac,
 # ekfac, lissa, arnoldi) refuse: before the shared arguments were forwarded as **kwargs they
@@ -185,6 +167,7 @@ class GradientEstimator(Estimator):
         self.layer_scores: Tensor | None = None
         self.memory_budget: memory.Budget | None = None  # set by the harness (memory_budget_mb)
         self.plan: scoring.ScorePlan | None = None
+        self._planned: int | None = None  # id() of the problem self.plan was made for
 
     def engine(self, problem: AttributionProblem) -> GradientEngine:
         """The gradient engine over the tracked layers: ``modules``, else the problem's
@@ -204,9 +187,13 @@ class GradientEstimator(Estimator):
         budget = budget or self.memory_budget or memory.budget(None, problem.device)
         engine = self.engine(problem)
         self.plan = scoring.plan(self, problem, engine, budget, self.state_bytes(engine))
-        self.chunk_size = self.plan.chunk_size
-        self.memory_budget = budget
+        self.chunk_size, self.memory_budget, self._planned = \
+            self.plan.chunk_size, budget, id(problem)
         return self.plan
+
+    def plan_for(self, problem: AttributionProblem) -> scoring.ScorePlan:
+        """The plan made for ``problem`` (:meth:`plan_memory`), made now if there is none."""
+        return self.plan if self._planned == id(problem) else self.plan_memory(problem)
 
     def state_bytes(self, engine: GradientEngine) -> float:
         """Bytes of fitted state held while scoring (factors). Default: none."""
@@ -346,7 +333,7 @@ class GradientEstimator(Estimator):
         if pres is None:
             chunks = self._dense_scores(problem, train, engine, projector)
         else:
-            sizes = self.plan if self.plan is not None else self.plan_memory(problem)
+            sizes = self.plan_for(problem)
             store = scoring.query_store(self, problem, engine, pres, sizes, self.memory_budget)
             chunks = scoring.scores(self, problem, train, engine, store, sizes)
         for idx, values in chunks:
@@ -386,8 +373,7 @@ class GradientEstimator(Estimator):
         pres = None if projector is not None else self.layer_preconditioners(problem, engine)
         self._check_all_parameters(engine, pres)
         if pres is not None:
-            if self.plan is None:
-                self.plan_memory(problem)
+            self.plan_for(problem)
             return scoring.self_influence(problem, engine, pres, self.chunk_size,
                                           self.unit_norm)
         dtype = score_dtype(problem.model)

@@ -51,8 +51,9 @@ from torch import Tensor
 
 from estimators import kfac_factors as passes
 from estimators import layerwise, memory
+from estimators.accumulate import FitPass
 from estimators.atomic import content_hash, load_checked, save_checked
-from estimators.base import EXACT_GRADIENTS, FitPass, GradientEstimator
+from estimators.base import EXACT_GRADIENTS, GradientEstimator
 from estimators.gradients import GradientEngine, LayerGrads, score_dtype
 from estimators.layerwise import LayerPreconditioner
 from estimators.options import OptionError, bounded, choice, natural, positive

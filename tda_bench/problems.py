@@ -207,7 +207,11 @@ def causal_lm_problem(model: nn.Module, tokenizer: Any, docs: Sequence[str],
         proponents: optional, per query the indices of the documents that state its fact
             (fact tracing: ``tda_bench.metrics.mrr``, ``recall``).
         **fields: any other :class:`AttributionProblem` field (``checkpoints``, ``l2``,
-            ``key``, ``query_groups``, ``tail_patch``, ...).
+            ``key``, ``query_groups``, ``tail_patch``, ...). ``modules`` (the layers
+            attributed through when an estimator leaves its own ``modules`` unset) defaults
+            to ``"blocks"``, as the ``hf_lm`` task: the transformer blocks' linear layers,
+            without the embedding and the lm_head (Grosse et al. 2023); ``modules=None``
+            takes every linear layer.
 
     Returns:
         the problem: scores are ``[len(queries), len(docs)]``; its texts feed ``bm25``.
@@ -236,6 +240,7 @@ def causal_lm_problem(model: nn.Module, tokenizer: Any, docs: Sequence[str],
     query_data = lm.encode_queries([p for p, _ in pairs], [t for _, t in pairs], encode, bos,
                                    int(max_length))
     l2 = fields.pop("l2", 0.0)
+    fields.setdefault("modules", "blocks")
     problem = lm.lm_problem(model, fields.pop("checkpoints", []), train, query_data, pad,
                             train_text=list(docs), query_text=[f"{p} {t}" for p, t in pairs],
                             **fields)

@@ -29,7 +29,7 @@ def test_estimator_cost_runs_bench_and_writes_its_section(tmp_path):
                     text)
     assert row, text
     assert int(row.group(1)) == 80  # the size override wins over TINY's n_train
-    assert float(row.group(3)) > 0 and float(row.group(4)) > 100  # score s, peak RSS MB
+    assert float(row.group(3)) >= 0 and float(row.group(4)) > 100  # score s (2 decimals), RSS MB
     assert "load average" in text and "torch " in text
     # the estimator's own caches start cold and are removed; the warm model stays
     assert not list((tmp_path / "cache").rglob("cache-grad_dot"))

@@ -259,7 +259,7 @@ def test_errors_name_the_argument():
     problem = fn.problem()
     with pytest.raises(ValueError, match=r"^lds has no setting subset; its settings are "):
         tda_bench.ground_truth.lds(fn, problem, subset=4)
-    with pytest.raises(ValueError, match=r"^fraction must be in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"^LDS: fraction must be in \(0, 1\), got 2"):
         tda_bench.ground_truth.lds(fn, problem, fraction=2)
     with pytest.raises(ValueError, match=r"^kind must be a retraining ground truth"):
         tda_bench.ground_truth.truth("mislabel", fn, problem)
