@@ -21,7 +21,7 @@ pass and the example's index, so the draws do not depend on the blocks either.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,24 @@ def covariance_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn
     sums: dict[str, Compensated] = {}
     tokens: dict[str, int] = {}
     counts = []
+    for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts):
+        a, g = a.to(dtype), g.to(dtype)
+        carries = (g != 0).any(-1)  # [B, T]: tokens with gradient
+        a_used = a[carries]
+        tokens[name] = tokens.get(name, 0) + int(a_used.shape[0])
+        g_flat = g.reshape(-1, g.shape[-1])
+        sums.setdefault(f"{name}|A", Compensated()).add(pack_symmetric(a_used.T @ a_used))
+        sums.setdefault(f"{name}|S", Compensated()).add(pack_symmetric(g_flat.T @ g_flat))
+    payload = _payload(counts, sums)
+    for name, n in tokens.items():
+        payload[f"{name}|tokens"] = torch.tensor(n, dtype=torch.int64)
+    return payload
+
+
+def _captured_blocks(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
+                     block: int, blocks: list[int], counts: list[int]) -> Iterator:
+    """``(layer, a [B, T, i], g [B, T, o])`` of every block in ``blocks``, checked finite,
+    the model in eval mode; each block's example count is appended to ``counts``."""
     with eval_mode(problem.model):
         for j in blocks:
             batch, start = block_batch(problem, j, block)
@@ -128,19 +146,14 @@ def covariance_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn
             counts.append(next(iter(captured.values()))[0].shape[0])
             for name, (a, g) in captured.items():
                 _finite(name, a, g)
-                a, g = a.to(dtype), g.to(dtype)
-                carries = (g != 0).any(-1)  # [B, T]: tokens with gradient
-                a_used = a[carries]
-                tokens[name] = tokens.get(name, 0) + int(a_used.shape[0])
-                g_flat = g.reshape(-1, g.shape[-1])
-                sums.setdefault(f"{name}|A", Compensated()).add(pack_symmetric(a_used.T @ a_used))
-                sums.setdefault(f"{name}|S", Compensated()).add(pack_symmetric(g_flat.T @ g_flat))
+                yield name, a, g
             del captured
+
+
+def _payload(counts: list[int], sums: dict[str, Compensated]) -> dict[str, Tensor]:
     payload = {"values": torch.tensor(counts, dtype=torch.float64)}
     for key, acc in sums.items():
         payload[f"{key}|hi"], payload[f"{key}|lo"] = acc.hi, acc.lo
-    for name, n in tokens.items():
-        payload[f"{name}|tokens"] = torch.tensor(n, dtype=torch.int64)
     return payload
 
 
@@ -192,23 +205,13 @@ def eigenvalue_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn
     dtype = accumulation_dtype(problem.model)
     sums: dict[str, Compensated] = {}
     counts = []
-    with eval_mode(problem.model):
-        for j in blocks:
-            batch, start = block_batch(problem, j, block)
-            captured = engine.capture(lambda m, b, s=start: loss_fn(m, b, s), batch)
-            counts.append(next(iter(captured.values()))[0].shape[0])
-            for name, (a, g) in captured.items():
-                _finite(name, a, g)
-                q_a = basis[name]["q_a"].to(device=a.device, dtype=dtype)
-                q_s = basis[name]["q_s"].to(device=a.device, dtype=dtype)
-                rotated = torch.einsum("bto,bti->boi", g.to(dtype) @ q_s, a.to(dtype) @ q_a)
-                sums.setdefault(name, Compensated()).add(rotated.pow_(2).sum(0))
-                del rotated
-            del captured
-    payload = {"values": torch.tensor(counts, dtype=torch.float64)}
-    for name, acc in sums.items():
-        payload[f"{name}|hi"], payload[f"{name}|lo"] = acc.hi, acc.lo
-    return payload
+    for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts):
+        q_a = basis[name]["q_a"].to(device=a.device, dtype=dtype)
+        q_s = basis[name]["q_s"].to(device=a.device, dtype=dtype)
+        rotated = torch.einsum("bto,bti->boi", g.to(dtype) @ q_s, a.to(dtype) @ q_a)
+        sums.setdefault(name, Compensated()).add(rotated.pow_(2).sum(0))
+        del rotated
+    return _payload(counts, sums)
 
 
 def eigenvalues(payloads: list[dict[str, Tensor]], engine: GradientEngine, n_train: int,

@@ -6,11 +6,11 @@ constant learning rate (momentum configurable) makes TracIn's learning-rate weig
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from estimators.options import OptionError, literal, positive
 from tasks.digits import DigitsTask
+from tasks.supervised import relu_mlp
 
 
 class DigitsMLP(DigitsTask):
@@ -31,12 +31,4 @@ class DigitsMLP(DigitsTask):
         self.hidden = [positive("hidden", h, integer=True) for h in hidden]
 
     def build_model(self, seed: int) -> nn.Module:
-        widths = [64, *self.hidden, 10]
-        layers: list[nn.Module] = []
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-                if i:
-                    layers.append(nn.ReLU())
-                layers.append(nn.Linear(d_in, d_out))
-        return nn.Sequential(*layers).to(self.dtype)  # the data's dtype, whatever the default
+        return relu_mlp([64, *self.hidden, 10], seed, self.dtype)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from tasks.supervised import SupervisedTask
+from tasks.supervised import SupervisedTask, relu_mlp
 
 N_DIABETES = 442
 MODELS = ("mlp", "linear")
@@ -95,12 +95,4 @@ class Regression(SupervisedTask):
                                                              self.split_seed, self.dtype)
 
     def build_model(self, seed: int) -> nn.Module:
-        widths = [10, *([] if self.convex else self.hidden), 1]
-        layers: list[nn.Module] = []
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-                if i:
-                    layers.append(nn.ReLU())
-                layers.append(nn.Linear(d_in, d_out))
-        return nn.Sequential(*layers).to(self.dtype)
+        return relu_mlp([10, *([] if self.convex else self.hidden), 1], seed, self.dtype)

@@ -54,6 +54,19 @@ def sample_labels(logits: Tensor, batch, generator: torch.Generator):
     return (batch[0], sample_categorical(logits, batch[1], generator))
 
 
+def relu_mlp(widths: list[int], seed: int, dtype: torch.dtype) -> nn.Sequential:
+    """``Linear(widths[0], widths[1]), ReLU, ..., Linear(widths[-2], widths[-1])`` initialised
+    from ``seed`` (without touching the global RNG), in ``dtype`` whatever torch's default."""
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers).to(dtype)
+
+
 class SupervisedModule(L.LightningModule):
     """Mean per-example ``loss`` (+ (λ₂/2)‖θ‖² for L-BFGS, which has no weight decay).
 
