@@ -60,7 +60,24 @@ def problem_task(problem: AttributionProblem, modules: list[str], generator: tor
         def get_influence_tracked_modules(self) -> list[str]:
             return modules
 
+        def get_attention_mask(self, batch: Batch) -> Tensor | None:
+            return loss_positions(problem, batch)
+
     return ProblemTask()
+
+
+def loss_positions(problem: AttributionProblem, batch: Batch) -> Tensor | None:
+    """``[B, T]``: 1 where a position's output enters the training loss, for sequence outputs
+    ``[B, T, V]`` (None otherwise). kronfluence averages its A over these tokens, as ours does
+    over the tokens that carry gradient: not padding, not a document's last position."""
+    with torch.no_grad():
+        outputs = problem.outputs(problem.model, batch)
+    if outputs.dim() < 3:
+        return None
+    outputs = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(problem.loss(outputs, batch).sum(), outputs)
+    return (grad != 0).any(-1).long()  # as a tokenizer's attention mask
 
 
 class _Root(nn.Module):
