@@ -12,9 +12,9 @@ shards, EK-FAC factors, TrackStar's bases, gradient indexes) and by the run reco
   contents, and a reader checks all three (:func:`load_checked`, :func:`load_array`). A file
   that cannot be read, holds another key or slot, or fails its checksum is logged with a
   one-line reason, removed and reported missing, so the caller recomputes it. Torch payloads
-  (:func:`save_checked`) are ``torch.save``\ d to a buffer first, so their bytes depend only
-  on their content (no temp name inside the zip records): a recomputed file is
-  byte-identical. Arrays (:func:`array_writer`) stay plain ``.npy`` files, memory-mappable
+  (:func:`save_checked`) are ``torch.save``\ d through an open file (no temp name inside the
+  zip records, and no second copy of the payload in memory), so their bytes depend only on
+  their content: a recomputed file is byte-identical. Arrays (:func:`array_writer`) stay plain ``.npy`` files, memory-mappable
   by numpy, with the same three fields in a trailer after the data.
 
 This module lives in ``estimators`` because estimators may not import ``bench``; ``bench``
@@ -66,7 +66,7 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().contiguous()
         data = value.view(-1).view(torch.uint8).numpy() if value.numel() else b""
-        return {"tensor": hashlib.sha256(bytes(data)).hexdigest(), "dtype": str(value.dtype),
+        return {"tensor": hashlib.sha256(data).hexdigest(), "dtype": str(value.dtype),
                 "shape": list(value.shape)}
     if isinstance(value, np.ndarray):
         return _canonical(torch.from_numpy(np.ascontiguousarray(value)))
@@ -189,7 +189,8 @@ def save_checked(payload: dict[str, Any], path: Path, slot: Any = None) -> None:
         raise ValueError("a cache payload must hold its key")
     sealed = {**payload, "slot": _plain(slot)}
     sealed["checksum"] = checksum(sealed)
-    write_bytes(Path(path), payload_bytes(sealed))
+    with atomic_write(Path(path)) as tmp, open(tmp, "wb") as f:
+        torch.save(sealed, f)  # streamed: a large payload is not copied into a buffer
 
 
 def load_checked(path: Path, key: str, slot: Any = None) -> dict[str, Any] | None:

@@ -78,11 +78,11 @@ class LayerQueries:
 
     def normalise(self, norms: Tensor) -> LayerQueries:
         """Divides each query by ``norms [Q]`` (grad_cos)."""
-        inv = norms.clamp_min(1e-30).reciprocal().to(self._dtype)
+        inv = norms.clamp_min(1e-30).reciprocal().to(self._dtype).view(-1, 1, 1)
         if self.dense is not None:
-            return LayerQueries(dense=self.dense * inv.view(-1, 1, 1))
-        return LayerQueries(left=self.left * inv.view(-1, 1, 1), right=self.right,
-                            scale=self.scale, basis=self.basis)
+            return LayerQueries(dense=self.dense * inv)
+        return LayerQueries(left=self.left * inv, right=self.right, scale=self.scale,
+                            basis=self.basis)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -118,8 +118,11 @@ def _concat_factors(parts: list[Tensor]) -> Tensor:
 
 
 def concat(chunks: list[LayerQueries]) -> LayerQueries:
-    """The layer's queries of several query chunks, in order (one form throughout)."""
+    """The layer's queries of several query chunks, in order (one form throughout); a single
+    chunk is returned as it is (no copy)."""
     first = chunks[0]
+    if len(chunks) == 1:
+        return first
     if first.dense is not None:
         return LayerQueries(dense=torch.cat([c.dense for c in chunks]))
     return LayerQueries(left=_concat_factors([c.left for c in chunks]),

@@ -155,10 +155,13 @@ def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
                 chunks.setdefault(name, []).append(layerwise.LayerQueries(
                     dense=grads.to(dtype)[:, None, :]))
             del captured
-    store = {n: layerwise.concat(c) for n, c in chunks.items()}
+    store = {}
+    for name in list(chunks):  # one layer's chunks and its concatenation at a time
+        store[name] = layerwise.concat(chunks.pop(name))
     if estimator.unit_norm:
         norms = sum(q.squared_norms() for q in store.values()).sqrt()
-        store = {n: q.normalise(norms) for n, q in store.items()}
+        for name in store:  # one layer at a time: the store is not held twice
+            store[name] = store[name].normalise(norms)
     return store
 
 
