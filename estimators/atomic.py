@@ -14,8 +14,9 @@ shards, EK-FAC factors, TrackStar's bases, gradient indexes) and by the run reco
   one-line reason, removed and reported missing, so the caller recomputes it. Torch payloads
   (:func:`save_checked`) are ``torch.save``\ d through an open file (no temp name inside the
   zip records, and no second copy of the payload in memory), so their bytes depend only on
-  their content: a recomputed file is byte-identical. Arrays (:func:`array_writer`) stay plain ``.npy`` files, memory-mappable
-  by numpy, with the same three fields in a trailer after the data.
+  their content: a recomputed file is byte-identical. Arrays (:func:`array_writer`) stay
+  plain ``.npy`` files, memory-mappable by numpy, with the same three fields in a trailer
+  after the data.
 
 This module lives in ``estimators`` because estimators may not import ``bench``; ``bench``
 uses it too.

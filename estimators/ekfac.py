@@ -27,8 +27,9 @@ sampled from the model, ``problem.sample_targets``, seeded) or ``fisher: empiric
 labels).
 
 The passes over the training set (:mod:`estimators.kfac_factors`) are sums over blocks of
-examples computed from the layers' captured factors, so they shard across jobs
-(:meth:`KFAC.fit_passes`, ``stage=factors``); eigenbases and Λ are stored in the gradient
+examples computed from the layers' captured factors (the eigenvalue pass, with the same
+sampled targets, reuses the first pass's where the memory budget allows), so they shard
+across jobs (:meth:`KFAC.fit_passes`, ``stage=factors``); eigenbases and Λ are stored in the gradient
 dtype (float64 for a float64 model). Scoring is layer-wise (:mod:`estimators.scoring`): a
 query's exact P V is kept as its tokens' factors rotated into the eigenbasis with the damped
 inverse eigenvalues as a scale, or dense; ``query_rank: r`` keeps rank-r factors of each
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 FISHERS = passes.FISHERS
 QUERY_SVDS = ("randomized", "exact")
 HEURISTIC_DAMPING = 0.1  # damping: null = λ₂ + 0.1 × mean eigenvalue (kronfluence: no λ₂)
-FACTORS_VERSION = 2  # bump when the factor computation changes (part of the cache key)
+FACTORS_VERSION = 3  # bump when the factor computation changes (part of the cache key)
 
 Factors = dict[str, dict[str, Tensor]]  # layer -> {"q_a" [i, i], "q_s" [o, o], "lam" [o, i]}
 
@@ -137,6 +138,7 @@ class KFAC(GradientEstimator):
         self.dampings: dict[str, float] = {}
         self.loaded_from_cache = False
         self.block: int | None = None  # examples per block of the passes (memory plan)
+        self.keep_bytes = 0.0  # what the plan leaves for the covariance pass's kept factors
 
     def _spec(self, problem: AttributionProblem, engine: GradientEngine, what: str) -> dict:
         """Everything that determines a fitted quantity: its cache identity."""
@@ -181,6 +183,7 @@ class KFAC(GradientEstimator):
                                   f"{self.name}'s factor passes", "estimator.batch_size",
                                   "raise memory_budget_mb or attribute through fewer layers "
                                   "(estimator.modules)")
+        self.keep_bytes = max(0.0, budget.total - sum(fixed.values()) - self.block * per_example)
         return self.block
 
     def state_bytes(self, engine: GradientEngine) -> float:
@@ -198,8 +201,9 @@ class KFAC(GradientEstimator):
         block, n_blocks = self.block, passes.n_blocks(problem, self.block)
         spec = self._spec(problem, engine, "kfac eigenbasis")
         cached = self._load(problem, spec)
+        loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 0)  # both passes' draws
+        kept = passes.Kept(self.keep_bytes if self.correct_eigenvalues else 0.0)
         if cached is None:
-            loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 0)
 
             def finish_covariance(payloads: list[dict]) -> None:
                 again = self._load(problem, spec)  # another job may have finished it
@@ -212,7 +216,7 @@ class KFAC(GradientEstimator):
             yield FitPass("covariance", content_hash({**spec, "pass": "covariance",
                                                       "block": block}), n_blocks,
                           lambda blocks: passes.covariance_pass(problem, engine, loss_fn, block,
-                                                                blocks),
+                                                                blocks, kept),
                           finish_covariance)
             factors = self.factors
         else:
@@ -221,7 +225,6 @@ class KFAC(GradientEstimator):
             spec = {**spec, "what": "ekfac eigenvalues"}
             cached = self._load(problem, spec)
             if cached is None:
-                loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 1)
                 basis = factors
 
                 def finish_eigenvalues(payloads: list[dict]) -> None:
@@ -235,11 +238,12 @@ class KFAC(GradientEstimator):
                 yield FitPass("eigenvalues", content_hash({**spec, "pass": "eigenvalues",
                                                            "block": block}), n_blocks,
                               lambda blocks: passes.eigenvalue_pass(problem, engine, loss_fn,
-                                                                    basis, block, blocks),
+                                                                    basis, block, blocks, kept),
                               finish_eigenvalues)
                 factors = self.factors
             else:
                 factors = {n: {**f, "lam": cached["lam"][n]} for n, f in factors.items()}
+        kept.blocks.clear()
         self.factors = factors
         self.dampings = {
             n: (HEURISTIC_DAMPING * f["lam"].double().mean().item() if self.damping is None

@@ -264,7 +264,8 @@ class GradientEngine:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 a_list.append(a)
                 g_list.append(layer.output_grads(g.detach(), b))
-            captured[layer.name] = (torch.cat(a_list, dim=1), torch.cat(g_list, dim=1))
+            captured[layer.name] = ((a_list[0], g_list[0]) if len(a_list) == 1 else
+                                    (torch.cat(a_list, dim=1), torch.cat(g_list, dim=1)))
         return captured
 
     def gradients(self, fn: Callable[[nn.Module, Batch], Tensor], batch: Batch) -> LayerGrads:

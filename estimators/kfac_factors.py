@@ -15,8 +15,11 @@ give the same bits as one job (``stage=factors``):
   T·(o² + i²) + T·o·i multiply-adds per example instead of rotating a formed Gₙ's
   o·i·(o + i); one layer's ``[b, o, i]`` exists at a time.
 
-True-Fisher targets are drawn per example, from a generator seeded by the fit's seed, the
-pass and the example's index, so the draws do not depend on the blocks either.
+True-Fisher targets are drawn per example, from a generator seeded by the fit's seed and the
+example's index, so the draws do not depend on the blocks either. Both passes use the same
+draws (the eigenvalues are re-fitted on the per-example gradients whose covariances gave the
+eigenbasis), so the eigenvalue pass takes the covariance pass's captured factors from memory
+where they fit the memory budget (:class:`Kept`) and recomputes the rest, to the same bits.
 """
 
 from __future__ import annotations
@@ -106,46 +109,79 @@ def accumulation_dtype(model: nn.Module) -> torch.dtype:
         else torch.float32
 
 
-def _finite(name: str, *tensors: Tensor) -> None:
+def _finite(name: str, *tensors: Tensor) -> Tensor:
+    """Raises if any of ``tensors`` is non-finite; returns the first. The passes check a
+    layer's block statistics rather than its factors: a NaN or inf in a or g always reaches
+    them (inf · 0 is NaN), at a fraction of the cost."""
     if not all(torch.isfinite(t).all() for t in tensors):
         raise FloatingPointError(
             f"Non-finite activations or gradients in layer '{name}' while fitting K-FAC "
             "factors: check the model and inputs, or train in float64.")
+    return tensors[0]
 
 
 def covariance_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
-                    block: int, blocks: list[int]) -> dict[str, Tensor]:
+                    block: int, blocks: list[int], keep: Kept | None = None) -> dict[str, Tensor]:
     """The covariance sums of ``blocks``: ``{values [U], "<layer>|A|hi", ...}`` (A and S as
-    packed upper triangles, double-double; token counts)."""
+    packed upper triangles, double-double; token counts). ``keep``: the blocks' captured
+    factors are kept there for the eigenvalue pass, while they fit."""
     dtype = accumulation_dtype(problem.model)
     sums: dict[str, Compensated] = {}
     tokens: dict[str, int] = {}
     counts = []
-    for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts):
+    for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts,
+                                       keep=keep):
         a, g = a.to(dtype), g.to(dtype)
         carries = (g != 0).any(-1)  # [B, T]: tokens with gradient
         a_used = a[carries]
         tokens[name] = tokens.get(name, 0) + int(a_used.shape[0])
-        g_flat = g.reshape(-1, g.shape[-1])
-        sums.setdefault(f"{name}|A", Compensated()).add(pack_symmetric(a_used.T @ a_used))
-        sums.setdefault(f"{name}|S", Compensated()).add(pack_symmetric(g_flat.T @ g_flat))
+        g_used = g[carries]  # the other tokens' g is 0: they add nothing to S
+        cov_a, cov_s = a_used.T @ a_used, g_used.T @ g_used
+        _finite(name, cov_a, cov_s)
+        sums.setdefault(f"{name}|A", Compensated()).add(pack_symmetric(cov_a))
+        sums.setdefault(f"{name}|S", Compensated()).add(pack_symmetric(cov_s))
     payload = _payload(counts, sums)
     for name, n in tokens.items():
         payload[f"{name}|tokens"] = torch.tensor(n, dtype=torch.int64)
     return payload
 
 
+class Kept:
+    """Captured factors of the covariance pass's blocks, kept in memory up to ``limit`` bytes
+    so that the eigenvalue pass (the same per-example gradients: the same sampled targets)
+    need not recompute them; blocks beyond the limit are recomputed, with the same bits."""
+
+    def __init__(self, limit: float):
+        self.limit, self.used, self.full = float(limit), 0.0, False
+        self.blocks: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
+
+    def offer(self, j: int, captured: dict[str, tuple[Tensor, Tensor]]) -> None:
+        size = sum(t.numel() * t.element_size() for pair in captured.values() for t in pair)
+        if self.full or self.used + size > self.limit:
+            self.full = True  # keep a prefix of blocks, never a patchwork
+            return
+        self.blocks[j], self.used = captured, self.used + size
+
+    def take(self, j: int) -> dict[str, tuple[Tensor, Tensor]] | None:
+        return self.blocks.pop(j, None)
+
+
 def _captured_blocks(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
-                     block: int, blocks: list[int], counts: list[int]) -> Iterator:
-    """``(layer, a [B, T, i], g [B, T, o])`` of every block in ``blocks``, checked finite,
-    the model in eval mode; each block's example count is appended to ``counts``."""
+                     block: int, blocks: list[int], counts: list[int],
+                     keep: Kept | None = None, reuse: Kept | None = None) -> Iterator:
+    """``(layer, a [B, T, i], g [B, T, o])`` of every block in ``blocks``, the model in eval
+    mode (taken from ``reuse`` where it holds the block, offered to ``keep``); each block's
+    example count is appended to ``counts``."""
     with eval_mode(problem.model):
         for j in blocks:
-            batch, start = block_batch(problem, j, block)
-            captured = engine.capture(lambda m, b, s=start: loss_fn(m, b, s), batch)
+            captured = reuse.take(j) if reuse is not None else None
+            if captured is None:
+                batch, start = block_batch(problem, j, block)
+                captured = engine.capture(lambda m, b, s=start: loss_fn(m, b, s), batch)
+            if keep is not None:
+                keep.offer(j, captured)
             counts.append(next(iter(captured.values()))[0].shape[0])
-            for name, (a, g) in captured.items():
-                _finite(name, a, g)
+            for name, (a, g) in captured.items():  # checked finite by the passes' sums
                 yield name, a, g
             del captured
 
@@ -199,17 +235,19 @@ def finish_bytes(engine: GradientEngine) -> float:
 
 
 def eigenvalue_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn: LossFn,
-                    basis: dict[str, dict[str, Tensor]], block: int,
-                    blocks: list[int]) -> dict[str, Tensor]:
-    """The sums Σₙ (Q_Sᵀ Gₙ Q_A)² of ``blocks``: ``{values [U], "<layer>|hi", "|lo"}``."""
+                    basis: dict[str, dict[str, Tensor]], block: int, blocks: list[int],
+                    reuse: Kept | None = None) -> dict[str, Tensor]:
+    """The sums Σₙ (Q_Sᵀ Gₙ Q_A)² of ``blocks``: ``{values [U], "<layer>|hi", "|lo"}``
+    (blocks the covariance pass kept in ``reuse`` are not recomputed)."""
     dtype = accumulation_dtype(problem.model)
     sums: dict[str, Compensated] = {}
     counts = []
-    for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts):
+    for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts,
+                                       reuse=reuse):
         q_a = basis[name]["q_a"].to(device=a.device, dtype=dtype)
         q_s = basis[name]["q_s"].to(device=a.device, dtype=dtype)
         rotated = torch.einsum("bto,bti->boi", g.to(dtype) @ q_s, a.to(dtype) @ q_a)
-        sums.setdefault(name, Compensated()).add(rotated.pow_(2).sum(0))
+        sums.setdefault(name, Compensated()).add(_finite(name, rotated.pow_(2).sum(0)))
         del rotated
     return _payload(counts, sums)
 

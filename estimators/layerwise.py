@@ -180,15 +180,22 @@ def self_terms(pre: LayerPreconditioner, a: Tensor, g: Tensor, dtype: torch.dtyp
         grads.pow(2).sum((1, 2))
 
 
+def _sandwich(left: Tensor, v: Tensor, right: Tensor) -> Tensor:
+    """``[Q, o, i]`` -> left V right for every query: one flat GEMM ``[Q·o, i] × [i, i]``,
+    then a batched product with ``left``."""
+    n_q, o, i = v.shape
+    return left @ (v.reshape(n_q * o, i) @ right).reshape(n_q, o, i)
+
+
 def precondition_dense(pre: LayerPreconditioner, v: Tensor) -> Tensor:
     """``[Q, o, i]`` -> P V in the original basis."""
     if pre.basis is None:
         return v * pre.scale if pre.scale is not None else v
     q_s, q_a = (m.to(v.dtype) for m in pre.basis)
-    rotated = q_s.T @ v @ q_a
+    rotated = _sandwich(q_s.T, v, q_a)
     if pre.scale is not None:
         rotated = rotated * pre.scale
-    return q_s @ rotated @ q_a.T
+    return _sandwich(q_s, rotated, q_a.T)
 
 
 def store_chunk(pre: LayerPreconditioner, a: Tensor, g: Tensor, dtype: torch.dtype,
@@ -213,6 +220,14 @@ def store_chunk(pre: LayerPreconditioner, a: Tensor, g: Tensor, dtype: torch.dty
             q_s, q_a = (m.to(dtype) for m in pre.basis)
             left, right = left @ q_s.T, right @ q_a.T
         return LayerQueries(left=left, right=right)
+    t, o, i = g.shape[1], g.shape[2], a.shape[2]
+    if form == "dense" and pre.basis is not None and t * (o * o + i * i + o * i) < o * i * (o + i):
+        # fewer multiply-adds: rotate the T tokens' factors, not the formed [o, i] matrix
+        q_s, q_a = (m.to(dtype) for m in pre.basis)
+        rotated = outer(*rotate(a, g, pre.basis))
+        if pre.scale is not None:
+            rotated = rotated * pre.scale
+        return LayerQueries(dense=_sandwich(q_s, rotated, q_a.T))
     if form == "dense":
         return LayerQueries(dense=precondition_dense(pre, outer(a, g)))
     if pre.identity:

@@ -122,9 +122,13 @@ def _hint(estimator) -> str:
     return ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
-def _finite(name: str, *tensors: Tensor) -> None:
+def _finite(name: str, *tensors: Tensor) -> Tensor:
+    """Raises if any of ``tensors`` holds a NaN or inf; returns the first. Checking a layer's
+    scores (or self-influence) stands for checking its factors: a non-finite input always
+    makes its products non-finite (inf · 0 is NaN), and it costs far less."""
     if not all(torch.isfinite(t).all() for t in tensors):
         raise FloatingPointError(f"Non-finite gradient in layer '{name}': {FINITE_HINT}.")
+    return tensors[0]
 
 
 def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
@@ -186,8 +190,8 @@ def scores(estimator, problem: AttributionProblem, train: AttributionProblem,
     for rows, captured in train_factors(train, engine, sizes.chunk_size):
         parts, norms = [], 0.0
         for name, (a, g) in captured.items():
-            _finite(name, a, g)
-            parts.append(layerwise.layer_scores(store[name], a, g, dtype, sizes.expand_bytes))
+            parts.append(_finite(name, layerwise.layer_scores(store[name], a, g, dtype,
+                                                              sizes.expand_bytes)))
             if estimator.unit_norm:
                 norms = norms + layerwise.self_terms(layerwise.IDENTITY, a, g, dtype)
         for name, grads in engine.last_extras.items():  # modules=all_parameters
@@ -213,8 +217,7 @@ def self_influence(problem: AttributionProblem, engine: GradientEngine,
             continue
         total = 0.0
         for name, (a, g) in captured.items():
-            _finite(name, a, g)
-            total = total + layerwise.self_terms(pres[name], a, g, dtype)
+            total = total + _finite(name, layerwise.self_terms(pres[name], a, g, dtype))
         for grads in engine.last_extras.values():  # modules=all_parameters
             total = total + grads.to(dtype).pow(2).sum(1)
         values[rows] = total.cpu()

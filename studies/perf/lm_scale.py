@@ -27,10 +27,16 @@ score ``compute_pairwise_scores``; the ratio compares (fit + score) tokens/s mea
 this same run. Its scores are the negative of tda-bench's (its sign convention); the
 Pearson correlation of tda-bench's and −kronfluence's scores is reported.
 
-Memory sweeps (``--sweep``): ekfac ``query_rank=32`` on the GPT-2-shaped model with
-``--sweep-queries`` query counts (memory against Q·r) and ``--sweep-docs`` corpus sizes
-(memory against n_train). Results go to the ``lm-scale`` section of ``--out`` and, run by
-run, to ``<workdir>/lm_scale.jsonl`` (a rerun skips the runs found there).
+Memory sweeps (``--sweep``), ekfac ``query_rank=32`` on the GPT-2-shaped model. Every
+GPT-2 ekfac run shares one factor cache (``<workdir>/factors/gpt2``; the cache key is the
+model's and the corpus's content, not the queries), so the main run fits and caches the
+factors and the query sweep, ``--sweep-queries`` query counts over the same corpus
+(``ekfac r=32 cached``), is scoring only: its peak RSS is the score stage's, against Q·r.
+``--sweep-docs`` corpus sizes fit their own factors: peak RSS against n_train, beside the
+main run. Results go to the ``lm-scale`` section of ``--out`` and, run by run, to
+``<workdir>/lm_scale.jsonl`` (a rerun skips the runs found there; drivers with different
+``--models``/``--estimators`` may share a workdir, and ``--report`` only rewrites the
+section from it). Each row carries the commit it ran (``--commit``).
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ import sys
 import time
 from pathlib import Path
 
+from studies.perf.lm_scale_report import write_section
+
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 116
 ESTIMATORS = {  # name -> (estimator, overrides)
     "grad_dot": ("grad_dot", []),
     "ekfac": ("ekfac", []),
     "ekfac r=32": ("ekfac", ["estimator.query_rank=32"]),
+    "ekfac r=32 cached": ("ekfac", ["estimator.query_rank=32"]),  # factors from the cache
     "kfac": ("kfac", []),
     "trackstar": ("trackstar", ["estimator.optimizer_correction=false"]),
 }
@@ -127,9 +136,12 @@ def run_child(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
 
 
 def bench_run(args, work: Path, model: str, label: str, data: Path, extra: list[str]) -> dict:
-    """One ``python -m bench task=hf_lm`` run (own cache, default memory budget)."""
+    """One ``python -m bench task=hf_lm`` run (own cache, default memory budget; GPT-2 ekfac
+    runs share their factor cache)."""
     name = f"{model}-{label.replace(' ', '').replace('=', '')}-{data.name}"
     estimator, overrides = ESTIMATORS[label]
+    if model == "gpt2" and estimator == "ekfac":
+        extra = [*extra, f"estimator.cache_dir={work / 'factors' / 'gpt2'}"]
     run_dir = work / "runs" / name
     cmd = [sys.executable, "-m", "bench", "task=hf_lm", f"task.model={work / model}",
            f"task.corpus={data / 'corpus.jsonl'}", f"task.queries={data / 'queries.jsonl'}",
@@ -141,7 +153,7 @@ def bench_run(args, work: Path, model: str, label: str, data: Path, extra: list[
     load = os.getloadavg()[0]
     code, peak, wall = run_child(cmd, env, work / f"{name}.log")
     row = {"model": model, "estimator": label, "data": data.name, "exit": code,
-           "peak_rss_mb": peak, "wall_s": wall, "load": load}
+           "peak_rss_mb": peak, "wall_s": wall, "load": load, "commit": args.commit}
     metrics = run_dir / "metrics.json"
     if code == 0 and metrics.exists():
         record = json.loads(metrics.read_text())
@@ -232,7 +244,8 @@ def kronfluence_run(args, work: Path, data: Path) -> dict:
     log = work / "kronfluence.log"
     code, peak, wall = run_child(cmd, env, log)
     row = {"model": "llama", "estimator": "kronfluence ekfac r=32", "data": data.name,
-           "exit": code, "peak_rss_mb": peak, "wall_s": wall, "load": load}
+           "exit": code, "peak_rss_mb": peak, "wall_s": wall, "load": load,
+           "commit": args.commit}
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
     if code == 0 and lines:
         row.update(json.loads(lines[-1]))
@@ -240,13 +253,6 @@ def kronfluence_run(args, work: Path, data: Path) -> dict:
     else:
         row["error"] = log.read_text()[-600:]
     return row
-
-
-def pearson(a_path: str, b_path: str) -> float:
-    import torch
-
-    a, b = torch.load(a_path).double().flatten(), torch.load(b_path).double().flatten()
-    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
 def main() -> None:
@@ -260,11 +266,13 @@ def main() -> None:
     parser.add_argument("--target-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=["llama", "gpt2"])
-    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    parser.add_argument("--estimators", nargs="+",
+                        default=[e for e in ESTIMATORS if not e.endswith("cached")])
     parser.add_argument("--kronfluence", action="store_true")
     parser.add_argument("--kronfluence-python", default=sys.executable)
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-queries", type=int, nargs="+", default=[25, 50])
+    parser.add_argument("--sweep-queries", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--report", action="store_true", help="only rewrite --out's section")
     parser.add_argument("--sweep-docs", type=int, nargs="+", default=[75])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--commit", default="", help="the commit measured (for the table)")
@@ -278,7 +286,7 @@ def main() -> None:
         return kronfluence_child(args)
     if args.quick:
         args.docs, args.queries, args.tokens, args.query_tokens = 24, 6, 16, 8
-        args.sweep_queries, args.sweep_docs = [3], [6]
+        args.sweep_queries, args.sweep_docs = [3, 6], [6]
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     for arch in ("gpt2", "llama"):
@@ -287,12 +295,19 @@ def main() -> None:
     main_data = work / f"data-{args.docs}x{args.queries}"
     build_data(main_data, args.docs, args.queries, *sizes)
     log_path = work / "lm_scale.jsonl"
-    done = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    def rows() -> list[dict]:  # re-read: another driver may share the workdir
+        return [json.loads(x) for x in log_path.read_text().splitlines()] \
+            if log_path.exists() else []
+
+    done = rows()
+    if args.report:
+        return write_section(args, done, Path(args.out))
 
     def record(row: dict) -> None:
-        done.append(row)
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        done[:] = rows()
         print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
         if args.out:
             write_section(args, done, Path(args.out))
@@ -306,7 +321,7 @@ def main() -> None:
     plan.sort(key=lambda p: p[1] == "ekfac")  # the slowest (exact ekfac) last
     if args.sweep:
         for q in args.sweep_queries:
-            plan.append(("gpt2", "ekfac r=32", work / f"data-{args.docs}x{q}"))
+            plan.append(("gpt2", "ekfac r=32 cached", work / f"data-{args.docs}x{q}"))
         for n in args.sweep_docs:
             plan.append(("gpt2", "ekfac r=32", work / f"data-{n}x{args.queries}"))
     def kronfluence() -> None:
@@ -321,76 +336,6 @@ def main() -> None:
             build_data(data, docs, queries, *sizes)
             record(bench_run(args, work, model, label, data, []))
     kronfluence()
-
-
-def _rate(tokens: float, seconds: float | None) -> str:
-    return f"{tokens / seconds:,.0f}" if seconds else "–"
-
-
-def write_section(args, rows: list[dict], out: Path) -> None:
-    """Replaces the ``lm-scale`` section of ``out`` with the table of ``rows``."""
-    from studies.perf.ground_truth_speed import write_section
-
-    main = f"data-{args.docs}x{args.queries}"
-    train_tokens = args.docs * args.tokens
-    lines = [
-        "## LM scale: GPT-2-small- and Llama-shaped models on 2 CPU cores "
-        "(`studies/perf/lm_scale.py`)", "",
-        f"{args.docs} documents × {args.tokens} tokens, {args.queries} queries × "
-        f"{args.query_tokens} tokens, random-init models saved locally (120-token vocabulary), "
-        f"`task=hf_lm` with defaults (no memory flag), {args.threads} threads; peak RSS of the "
-        "whole process; tokens/s = training tokens / stage seconds. Load average at the start "
-        f"of each run in the last column. Commit {args.commit or 'unknown'}.", "",
-        "| model | estimator | fit s | fit tokens/s | score s | score tokens/s | "
-        "(fit+score) tokens/s | peak RSS MB | budget MB | load |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["data"] != main:
-            continue
-        if r["exit"] != 0:
-            lines.append(f"| {r['model']} | {r['estimator']} | failed (exit {r['exit']}) "
-                         f"| | | | | {r['peak_rss_mb']:,.0f} | | {r['load']:.1f} |")
-            continue
-        fit, score = r.get("fit_seconds"), r.get("score_seconds")
-        budget = f"{r['memory_budget_mb']:,.0f}" if r.get("memory_budget_mb") else "–"
-        lines.append(
-            f"| {r['model']} | {r['estimator']} | {fit:,.0f} | {_rate(train_tokens, fit)} | "
-            f"{score:,.0f} | {_rate(train_tokens, score)} | "
-            f"{_rate(train_tokens, fit + score)} | {r['peak_rss_mb']:,.0f} | {budget} | "
-            f"{r['load']:.1f} |")
-    ours = next((r for r in rows if r["model"] == "llama" and r["estimator"] == "ekfac r=32"
-                 and r["data"] == main and r["exit"] == 0), None)
-    theirs = next((r for r in rows if r["estimator"].startswith("kronfluence")
-                   and r["exit"] == 0), None)
-    if ours and theirs:
-        ratio = ((theirs["fit_seconds"] + theirs["score_seconds"])
-                 / (ours["fit_seconds"] + ours["score_seconds"]))
-        lines += ["", f"EK-FAC (query rank 32) on the Llama-shaped model, fit + score: "
-                  f"tda-bench {ratio:.2f}× kronfluence 1.0.1's throughput "
-                  f"(fit {theirs['fit_seconds'] / ours['fit_seconds']:.2f}×, score "
-                  f"{theirs['score_seconds'] / ours['score_seconds']:.2f}×), same run; "
-                  f"Pearson of the scores (tda-bench vs −kronfluence): "
-                  f"{pearson(ours['scores'], theirs['scores']):.4f}."]
-    full = next((r for r in rows if r["model"] == "gpt2" and r["estimator"] == "ekfac"
-                 and r["data"] == main and r["exit"] == 0), None)
-    low = next((r for r in rows if r["model"] == "gpt2" and r["estimator"] == "ekfac r=32"
-                and r["data"] == main and r["exit"] == 0), None)
-    if full and low:
-        lines += ["", f"EK-FAC with `query_rank=32` against exact queries on the GPT-2-shaped "
-                  f"model: Pearson {pearson(full['scores'], low['scores']):.4f} over all "
-                  f"{args.queries} × {args.docs} scores."]
-    sweep = [r for r in rows if r["model"] == "gpt2" and r["estimator"] == "ekfac r=32"
-             and r["exit"] == 0]
-    if len(sweep) > 1:
-        lines += ["", "Peak RSS of `ekfac estimator.query_rank=32` on the GPT-2-shaped model "
-                  "against the number of queries Q (Q·r query factors) and of documents:", "",
-                  "| documents | queries | peak RSS MB | score s |", "|---|---|---|---|"]
-        for r in sorted(sweep, key=lambda r: r["data"]):
-            docs, queries = r["data"].split("-")[1].split("x")
-            lines.append(f"| {docs} | {queries} | {r['peak_rss_mb']:,.0f} | "
-                         f"{r['score_seconds']:,.0f} |")
-    write_section(out, "<!-- lm-scale -->\n" + "\n".join(lines) + "\n<!-- /lm-scale -->\n",
-                  "lm-scale")
 
 
 if __name__ == "__main__":

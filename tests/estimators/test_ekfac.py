@@ -235,3 +235,33 @@ def test_default_cli_run_caches_factors(make_cfg, tmp_path):
     record = run(make_cfg("digits_mlp"))
     assert record["estimator"] == "ekfac" and math.isfinite(record["lds"])
     assert len(list((tmp_path / "cache" / "factors").glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_kept_factors_give_the_same_bits_as_recomputed(fisher, monkeypatch):
+    """The eigenvalue pass reuses the covariance pass's captured factors where the budget
+    allows; where it does not (or only for a prefix of blocks) it recomputes them, with the
+    same sampled targets, to the same bits."""
+    problem = tiny_lm_problem()
+    calls = []
+    original = kfac_factors.GradientEngine.capture
+
+    def counting(self, fn, batch):
+        calls.append(1)
+        return original(self, fn, batch)
+
+    monkeypatch.setattr(kfac_factors.GradientEngine, "capture", counting)
+    lams = {}
+    for limit in (float("inf"), 0.0, 3e5):  # all kept, none kept, a prefix kept
+        estimator = EKFAC(fisher=fisher, batch_size=2)
+        estimator.plan_fit(problem)
+        estimator.keep_bytes = limit
+        calls.clear()
+        estimator.fit(problem)
+        lams[limit] = ({n: f["lam"] for n, f in estimator.factors.items()}, len(calls))
+    blocks = 5  # 10 examples in blocks of 2
+    assert lams[float("inf")][1] == blocks and lams[0.0][1] == 2 * blocks
+    assert blocks < lams[3e5][1] < 2 * blocks
+    for limit in (0.0, 3e5):
+        for name, lam in lams[float("inf")][0].items():
+            assert torch.equal(lam, lams[limit][0][name])
