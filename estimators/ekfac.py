@@ -29,15 +29,15 @@ labels).
 The passes over the training set (:mod:`estimators.kfac_factors`) are sums over blocks of
 examples computed from the layers' captured factors (the eigenvalue pass, with the same
 sampled targets, reuses the first pass's where the memory budget allows), so they shard
-across jobs (:meth:`KFAC.fit_passes`, ``stage=factors``); eigenbases and Λ are stored in the gradient
-dtype (float64 for a float64 model). Scoring is layer-wise (:mod:`estimators.scoring`): a
-query's exact P V is kept as its tokens' factors rotated into the eigenbasis with the damped
-inverse eigenvalues as a scale, or dense; ``query_rank: r`` keeps rank-r factors of each
-layer's P V instead (Grosse et al. §3.2.3), from a seeded randomized SVD (``query_svd:
-randomized``; Halko et al. 2011) or the exact truncated SVD (``exact``), so Q queries cost
-Q·r·(o + i) numbers per layer. Fitted factors are cached under ``cache_dir`` by the
-problem's ``key`` and the fitting settings, so a second run on the same model does not
-refit; EK-FAC reuses K-FAC's first pass.
+across jobs (:meth:`KFAC.fit_passes`, ``stage=factors``); eigenbases and Λ are stored in the
+gradient dtype (float64 for a float64 model). Scoring is layer-wise
+(:mod:`estimators.scoring`): a query's exact P V is kept as its tokens' factors rotated into
+the eigenbasis with the damped inverse eigenvalues as a scale, or dense; ``query_rank: r``
+keeps rank-r factors of each layer's P V instead (Grosse et al. §3.2.3), from a seeded
+randomized SVD (``query_svd: randomized``; Halko et al. 2011) or the exact truncated SVD
+(``exact``), so Q queries cost Q·r·(o + i) numbers per layer. Fitted factors are cached
+under ``cache_dir`` by the problem's ``key`` and the fitting settings, so a second run on
+the same model does not refit; EK-FAC reuses K-FAC's first pass.
 """
 
 from __future__ import annotations

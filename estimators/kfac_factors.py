@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from estimators.accumulate import Compensated, pack_symmetric, unpack_symmetric
 from estimators.gradients import GradientEngine
+from estimators.layerwise import Workspace, outer
 from estimators.options import OptionError
 from estimators.problem import AttributionProblem, Batch, eval_mode, move_to
 
@@ -242,13 +243,13 @@ def eigenvalue_pass(problem: AttributionProblem, engine: GradientEngine, loss_fn
     dtype = accumulation_dtype(problem.model)
     sums: dict[str, Compensated] = {}
     counts = []
+    workspace = Workspace()
     for name, a, g in _captured_blocks(problem, engine, loss_fn, block, blocks, counts,
                                        reuse=reuse):
         q_a = basis[name]["q_a"].to(device=a.device, dtype=dtype)
         q_s = basis[name]["q_s"].to(device=a.device, dtype=dtype)
-        rotated = torch.einsum("bto,bti->boi", g.to(dtype) @ q_s, a.to(dtype) @ q_a)
+        rotated = outer(a.to(dtype) @ q_a, g.to(dtype) @ q_s, workspace)  # [b, o, i]
         sums.setdefault(name, Compensated()).add(_finite(name, rotated.pow_(2).sum(0)))
-        del rotated
     return _payload(counts, sums)
 
 

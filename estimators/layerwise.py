@@ -105,9 +105,35 @@ def rotate(a: Tensor, g: Tensor, basis: tuple[Tensor, Tensor] | None) -> tuple[T
     return a @ q_a.to(a.dtype), g @ q_s.to(g.dtype)
 
 
-def outer(a: Tensor, g: Tensor) -> Tensor:
-    """``[B, o, i]``: Σₜ gₜ āₜᵀ per example."""
-    return torch.einsum("bto,bti->boi", g, a)
+def outer(a: Tensor, g: Tensor, workspace: Workspace | None = None) -> Tensor:
+    """``[B, o, i]``: Σₜ gₜ āₜᵀ per example (into ``workspace``'s buffer when given)."""
+    b, _, i = a.shape
+    out = workspace.get((b, g.shape[-1], i), a.dtype, a.device) if workspace is not None \
+        else None
+    return torch.bmm(g.transpose(1, 2), a, out=out)
+
+
+class Workspace:
+    """One reusable buffer for the transient per-chunk ``[B, o, i]`` gradients of scoring.
+
+    A fresh multi-MB tensor per layer and chunk costs a page fault per 4 kB on CPU (the
+    allocator returns large blocks to the system), which took longer than the product that
+    fills it; the buffer grows to the largest shape asked for and is reused. A view it
+    returns is valid until the next :meth:`get`.
+    """
+
+    def __init__(self):
+        self.buffer: Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        buffer = self.buffer
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype \
+                or buffer.device != device:
+            buffer = self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
 
 def _concat_factors(parts: list[Tensor]) -> Tensor:
@@ -139,7 +165,7 @@ def expand_cost(batch: int, tokens: int, queries: int, rank: int, o: int, i: int
 
 
 def layer_scores(q: LayerQueries, a: Tensor, g: Tensor, dtype: torch.dtype,
-                 expand_bytes: float) -> Tensor:
+                 expand_bytes: float, workspace: Workspace | None = None) -> Tensor:
     """``[Q, B]``: ⟨P V_q, G_b⟩ for one layer of one training chunk (see module docstring).
 
     Args:
@@ -147,18 +173,19 @@ def layer_scores(q: LayerQueries, a: Tensor, g: Tensor, dtype: torch.dtype,
         a: ``[B, T, i]`` layer inputs; g: ``[B, T, o]`` output gradients.
         dtype: the dtype of the arithmetic (the score dtype; bf16 factors accumulate in fp32).
         expand_bytes: at most this many bytes of queries are expanded at once.
+        workspace: where the layer's ``[B, o, i]`` gradients are formed (reused across calls).
     """
     a, g = rotate(a.to(dtype), g.to(dtype), q.basis)
     b, t, i = a.shape
     o = g.shape[-1]
     if q.dense is not None:
-        return q.dense.flatten(1) @ outer(a, g).flatten(1).T
+        return q.dense.flatten(1) @ outer(a, g, workspace).flatten(1).T
     n_q, k = q.left.shape[:2]
     if q.scale is None and factored_cost(b, t, n_q, k, o, i) <= expand_cost(b, t, n_q, k, o, i):
         left = g.reshape(b * t, o) @ q.left.reshape(n_q * k, o).T  # [B·T, Q·k]
         right = a.reshape(b * t, i) @ q.right.reshape(n_q * k, i).T
         return (left * right).reshape(b, t, n_q, k).sum((1, 3)).T
-    grads = outer(a, g).flatten(1)  # [B, o·i], this layer only
+    grads = outer(a, g, workspace).flatten(1)  # [B, o·i], this layer only
     out = torch.empty(n_q, b, dtype=dtype, device=a.device)
     block = max(1, int(expand_bytes // max(1, o * i * grads.element_size())))
     for s in range(0, n_q, block):

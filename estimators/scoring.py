@@ -187,11 +187,12 @@ def scores(estimator, problem: AttributionProblem, train: AttributionProblem,
     """``(rows, −⟨P∇f, ∇L⟩)`` per training chunk of ``train``: ``[Q, B]`` (``[L, Q, B]`` with
     ``per_layer``), in the score dtype."""
     dtype = score_dtype(problem.model)
+    workspace = layerwise.Workspace()
     for rows, captured in train_factors(train, engine, sizes.chunk_size):
         parts, norms = [], 0.0
         for name, (a, g) in captured.items():
             parts.append(_finite(name, layerwise.layer_scores(store[name], a, g, dtype,
-                                                              sizes.expand_bytes)))
+                                                              sizes.expand_bytes, workspace)))
             if estimator.unit_norm:
                 norms = norms + layerwise.self_terms(layerwise.IDENTITY, a, g, dtype)
         for name, grads in engine.last_extras.items():  # modules=all_parameters
