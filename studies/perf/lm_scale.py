@@ -31,7 +31,9 @@ Memory sweeps (``--sweep``), ekfac ``query_rank=32`` on the GPT-2-shaped model. 
 GPT-2 ekfac run shares one factor cache (``<workdir>/factors/gpt2``; the cache key is the
 model's and the corpus's content, not the queries), so the main run fits and caches the
 factors and the query sweep, ``--sweep-queries`` query counts over the same corpus
-(``ekfac r=32 cached``), is scoring only: its peak RSS is the score stage's, against Q·r.
+(``ekfac r=32 cached``), is scoring only: its peak RSS is the score stage's, against Q·r
+(``--sweep-budget``: one ``memory_budget_mb`` for every Q, so that only the query store
+changes between the points).
 ``--sweep-docs`` corpus sizes fit their own factors: peak RSS against n_train, beside the
 main run. Results go to the ``lm-scale`` section of ``--out`` and, run by run, to
 ``<workdir>/lm_scale.jsonl`` (a rerun skips the runs found there; drivers with different
@@ -273,6 +275,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-queries", type=int, nargs="+", default=[25, 50, 100])
     parser.add_argument("--report", action="store_true", help="only rewrite --out's section")
+    parser.add_argument("--sweep-budget", type=int, default=None,
+                        help="memory_budget_mb of the query sweep (one budget for every Q)")
     parser.add_argument("--sweep-docs", type=int, nargs="+", default=[75])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--commit", default="", help="the commit measured (for the table)")
@@ -334,7 +338,9 @@ def main() -> None:
         if not have(model, label, data):
             docs, queries = (int(x) for x in data.name.split("-")[1].split("x"))
             build_data(data, docs, queries, *sizes)
-            record(bench_run(args, work, model, label, data, []))
+            extra = [f"memory_budget_mb={args.sweep_budget}"] \
+                if label.endswith("cached") and args.sweep_budget else []  # the Q sweep
+            record(bench_run(args, work, model, label, data, extra))
     kronfluence()
 
 

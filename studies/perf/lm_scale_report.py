@@ -30,9 +30,11 @@ def sweep_lines(args, rows: list[dict]) -> list[str]:
         ss_res = sum((y - f) ** 2 for y, f in zip(peak, fitted, strict=True))
         ss_tot = sum((y - mean_p) ** 2 for y in peak)
         r2 = 1 - ss_res / ss_tot if ss_tot else 1.0
+        budget = f"`memory_budget_mb={args.sweep_budget}`" if args.sweep_budget else \
+            "the default memory budget"
         out += ["", "Score-stage memory against Q·r: `ekfac estimator.query_rank=32` on the "
                 "GPT-2-shaped model, factors loaded from the cache (scoring only), "
-                f"{args.docs} documents:", "",
+                f"{args.docs} documents, {budget}:", "",
                 "| queries Q | Q·r | peak RSS MB | score s | load | commit |",
                 "|---|---|---|---|---|---|"]
         out += [f"| {x} | {x * 32:,} | {r['peak_rss_mb']:,.0f} | {r['score_seconds']:,.0f} | "
@@ -45,7 +47,8 @@ def sweep_lines(args, rows: list[dict]) -> list[str]:
                    and r["data"].endswith(f"x{args.queries}")), key=lambda x: x[0])
     if len(by_n) > 1:
         out += ["", "Memory against the number of documents (fit + score, "
-                f"`ekfac estimator.query_rank=32`, {args.queries} queries):", "",
+                f"`ekfac estimator.query_rank=32`, {args.queries} queries, the default "
+                "memory budget):", "",
                 "| documents | peak RSS MB | vs the fewest | fit s | score s | load | commit |",
                 "|---|---|---|---|---|---|---|"]
         base = by_n[0][1]["peak_rss_mb"]
@@ -71,8 +74,8 @@ def write_section(args, rows: list[dict], out: Path) -> None:
         f"{args.docs} documents × {args.tokens} tokens, {args.queries} queries × "
         f"{args.query_tokens} tokens, random-init models saved locally (120-token vocabulary), "
         f"`task=hf_lm` with defaults (no memory flag), {args.threads} threads; peak RSS of the "
-        "whole process; tokens/s = training tokens / stage seconds. Load average at the start "
-        "at the start of each run and the commit it ran are in the last columns.", "",
+        "whole process; tokens/s = training tokens / stage seconds. The load average at the "
+        "start of each run and the commit it ran are in the last columns.", "",
         "| model | estimator | fit s | fit tokens/s | score s | score tokens/s | "
         "(fit+score) tokens/s | peak RSS MB | budget MB | load | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
