@@ -73,6 +73,11 @@ def check_run_settings(cfg: DictConfig) -> None:
     if skip is not None and not isinstance(skip, DictConfig):
         raise OptionError(f"skip must be a mapping {{{{task/estimator: reason}}}} or {{null}}, "
                           f"got {literal(skip)}")
+    pairs = cfg.get("pair_settings")
+    if pairs is not None and (not isinstance(pairs, DictConfig) or not all(
+            isinstance(v, DictConfig) for v in pairs.values())):
+        raise OptionError("pair_settings must be a mapping {{task/estimator: {{estimator "
+                          f"key: value}}}}}}}} or {{null}}, got {literal(pairs)}")
 
 
 def ground_truth_options(block: DictConfig | dict | None) -> GroundTruthOptions:

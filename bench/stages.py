@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from bench import sharding
@@ -85,6 +85,10 @@ def resolve(cfg: DictConfig) -> Job:
     if pair in (cfg.get("skip") or {}):
         raise ValueError(f"{pair} is skipped by this sweep: {cfg.skip[pair]} (remove it from "
                          "`skip` to run it)")
+    settings = (cfg.get("pair_settings") or {}).get(pair)
+    if settings:  # this pair's estimator settings in a sweep (e.g. LiSSA's sample on facts)
+        with open_dict(cfg):
+            cfg.estimator = OmegaConf.merge(cfg.estimator, settings)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     if cfg.get("tf32") is not None:  # TF32 matmuls on Ampere+ GPUs (float32 models only)
