@@ -204,8 +204,9 @@ def kronfluence_child(args) -> None:
         def get_influence_tracked_modules(self):
             return tracked
 
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
+        def get_attention_mask(self, batch):  # the positions that enter the loss, as
+            mask = batch["attention_mask"]    # tda-bench's A: a next token follows
+            return torch.cat([mask[:, :-1] * mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
 
     lm_task = LMTask()
     model = prepare_model(model, lm_task)
