@@ -32,10 +32,10 @@ import os
 import socket
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -119,10 +119,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_with(path: Path, fill: Callable[[BinaryIO], Any]) -> None:
+    """Writes ``path`` atomically with ``fill(file)``: the writer of every torch payload,
+    record and text file (arrays stream through :func:`array_writer`)."""
+    with atomic_write(Path(path)) as tmp, open(tmp, "wb") as f:
+        fill(f)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+    write_with(path, lambda f: f.write(data))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -190,8 +196,7 @@ def save_checked(payload: dict[str, Any], path: Path, slot: Any = None) -> None:
         raise ValueError("a cache payload must hold its key")
     sealed = {**payload, "slot": _plain(slot)}
     sealed["checksum"] = checksum(sealed)
-    with atomic_write(Path(path)) as tmp, open(tmp, "wb") as f:
-        torch.save(sealed, f)  # streamed: a large payload is not copied into a buffer
+    write_with(path, lambda f: torch.save(sealed, f))  # streamed: no copy in a buffer
 
 
 def load_checked(path: Path, key: str, slot: Any = None) -> dict[str, Any] | None:

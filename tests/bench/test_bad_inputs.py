@@ -276,10 +276,10 @@ def test_a_disk_that_fills_during_the_run_is_one_sentence(tmp_path, monkeypatch,
 
     from estimators import atomic
 
-    def full(path, data):
+    def full(path, fill):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(atomic, "write_bytes", full)
+    monkeypatch.setattr(atomic, "write_with", full)  # the writer of payloads and records
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     code, lines, seconds = run_cli(
         ["task=digits_mlp", *TINY["digits_mlp"], "logger=none", "progress=false",
