@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 FISHERS = passes.FISHERS
 QUERY_SVDS = ("randomized", "exact")
+REFIT_TARGETS = ("shared", "fresh")
 HEURISTIC_DAMPING = 0.1  # damping: null = λ₂ + 0.1 × mean eigenvalue (kronfluence: no λ₂)
 FACTORS_VERSION = 3  # bump when the factor computation changes (part of the cache key)
 
@@ -108,6 +109,11 @@ class KFAC(GradientEstimator):
         query_svd_oversampling: extra columns of the randomized range finder.
         query_svd_iterations: power iterations of the randomized range finder.
         seed: seed of the true Fisher's target sampling and of the randomized SVD.
+        refit_targets: EK-FAC's eigenvalue pass under the true Fisher: ``shared`` re-fits Λ on
+            the covariance pass's sampled targets (its captured factors are reused where the
+            memory budget allows: one forward and backward pass instead of two), ``fresh``
+            draws new targets (a second pass; less seed-to-seed spread on small problems,
+            docs/estimators.md). The same under the empirical Fisher.
         cache_dir: directory of the factor cache (under ``<cache_dir>/factors``); None
             disables it. Used only when the problem has a ``key``.
         **kwargs: ``modules``, ``chunk_size``, ``per_layer`` (see
@@ -121,7 +127,7 @@ class KFAC(GradientEstimator):
     def __init__(self, fisher: str = "true", damping: float | None = None, batch_size: int = 64,
                  query_rank: int | None = None, query_svd: str = "randomized",
                  query_svd_oversampling: int = 8, query_svd_iterations: int = 2, seed: int = 0,
-                 cache_dir: str | None = None, **kwargs):
+                 refit_targets: str = "shared", cache_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
         fisher = "true" if fisher is True else fisher  # `estimator.fisher=true` parses as bool
         self.fisher = choice("fisher", fisher, FISHERS)
@@ -133,6 +139,7 @@ class KFAC(GradientEstimator):
                                                   query_svd_oversampling, 0))
         self.query_svd_iterations = int(bounded("query_svd_iterations", query_svd_iterations, 0))
         self.seed = natural("seed", seed)
+        self.refit_targets = choice("refit_targets", refit_targets, REFIT_TARGETS)
         self.cache = FactorCache(Path(cache_dir) / "factors" if cache_dir else None)
         self.factors: Factors | None = None
         self.dampings: dict[str, float] = {}
@@ -201,8 +208,10 @@ class KFAC(GradientEstimator):
         block, n_blocks = self.block, passes.n_blocks(problem, self.block)
         spec = self._spec(problem, engine, "kfac eigenbasis")
         cached = self._load(problem, spec)
-        loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 0)  # both passes' draws
-        kept = passes.Kept(self.keep_bytes if self.correct_eigenvalues else 0.0)
+        loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 0)
+        fresh = self.fisher == "true" and self.refit_targets == "fresh"
+        kept = passes.Kept(self.keep_bytes if self.correct_eigenvalues and not fresh else 0.0)
+        refit_loss = passes.fisher_loss(problem, self.fisher, self.seed, 1) if fresh else loss_fn
         if cached is None:
 
             def finish_covariance(payloads: list[dict]) -> None:
@@ -222,7 +231,8 @@ class KFAC(GradientEstimator):
         else:
             factors = cached["factors"]
         if self.correct_eigenvalues:
-            spec = {**spec, "what": "ekfac eigenvalues"}
+            spec = {**spec, "what": "ekfac eigenvalues",
+                    "refit_targets": "fresh" if fresh else "shared"}
             cached = self._load(problem, spec)
             if cached is None:
                 basis = factors
@@ -237,7 +247,7 @@ class KFAC(GradientEstimator):
 
                 yield FitPass("eigenvalues", content_hash({**spec, "pass": "eigenvalues",
                                                            "block": block}), n_blocks,
-                              lambda blocks: passes.eigenvalue_pass(problem, engine, loss_fn,
+                              lambda blocks: passes.eigenvalue_pass(problem, engine, refit_loss,
                                                                     basis, block, blocks, kept),
                               finish_eigenvalues)
                 factors = self.factors

@@ -265,3 +265,20 @@ def test_kept_factors_give_the_same_bits_as_recomputed(fisher, monkeypatch):
     for limit in (0.0, 3e5):
         for name, lam in lams[float("inf")][0].items():
             assert torch.equal(lam, lams[limit][0][name])
+
+
+def test_fresh_refit_targets_draw_new_targets_and_recompute():
+    """``refit_targets: fresh`` re-fits Λ on new draws (a second forward/backward pass), so
+    Λ differs from ``shared``'s under the true Fisher and equals it under the empirical."""
+    problem = tiny_lm_problem()
+    lam = {}
+    for fisher in ("true", "empirical"):
+        for refit in ("shared", "fresh"):
+            estimator = EKFAC(fisher=fisher, refit_targets=refit, batch_size=4)
+            estimator.fit(problem)
+            lam[fisher, refit] = {n: f["lam"] for n, f in estimator.factors.items()}
+    name = next(iter(lam["true", "shared"]))
+    assert not torch.equal(lam["true", "shared"][name], lam["true", "fresh"][name])
+    assert torch.equal(lam["empirical", "shared"][name], lam["empirical", "fresh"][name])
+    with pytest.raises(ValueError, match="refit_targets"):
+        EKFAC(refit_targets="both")
