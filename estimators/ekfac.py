@@ -210,7 +210,7 @@ class KFAC(GradientEstimator):
         cached = self._load(problem, spec)
         loss_fn = passes.fisher_loss(problem, self.fisher, self.seed, 0)
         fresh = self.fisher == "true" and self.refit_targets == "fresh"
-        kept = passes.Kept(self.keep_bytes if self.correct_eigenvalues and not fresh else 0.0)
+        kept = passes.Kept(self.keep_bytes) if self.correct_eigenvalues and not fresh else None
         refit_loss = passes.fisher_loss(problem, self.fisher, self.seed, 1) if fresh else loss_fn
         if cached is None:
 
@@ -253,7 +253,8 @@ class KFAC(GradientEstimator):
                 factors = self.factors
             else:
                 factors = {n: {**f, "lam": cached["lam"][n]} for n, f in factors.items()}
-        kept.blocks.clear()
+        if kept is not None:
+            kept.blocks.clear()
         self.factors = factors
         self.dampings = {
             n: (HEURISTIC_DAMPING * f["lam"].double().mean().item() if self.damping is None

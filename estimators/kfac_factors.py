@@ -16,10 +16,11 @@ give the same bits as one job (``stage=factors``):
   o·i·(o + i); one layer's ``[b, o, i]`` exists at a time.
 
 True-Fisher targets are drawn per example, from a generator seeded by the fit's seed and the
-example's index, so the draws do not depend on the blocks either. Both passes use the same
-draws (the eigenvalues are re-fitted on the per-example gradients whose covariances gave the
-eigenbasis), so the eigenvalue pass takes the covariance pass's captured factors from memory
-where they fit the memory budget (:class:`Kept`) and recomputes the rest, to the same bits.
+example's index (and the pass, for EK-FAC's ``refit_targets: fresh``), so the draws do not
+depend on the blocks either. By default both passes use the same draws (Λ is re-fitted on
+the per-example gradients whose covariances gave the eigenbasis), so the eigenvalue pass
+takes the covariance pass's captured factors from memory where they fit the memory budget
+(:class:`Kept`) and recomputes the rest, to the same bits.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ the choice depends only on the shapes: the same chunk gives the same numbers in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,8 @@ def outer(a: Tensor, g: Tensor, workspace: Workspace | None = None) -> Tensor:
 
 
 class Workspace:
-    """One reusable buffer for the transient per-chunk ``[B, o, i]`` gradients of scoring.
+    """One reusable buffer for transient per-chunk ``[B, o, i]`` gradients (scoring, EK-FAC's
+    eigenvalue pass).
 
     A fresh multi-MB tensor per layer and chunk costs a page fault per 4 kB on CPU (the
     allocator returns large blocks to the system), which took longer than the product that
@@ -126,9 +128,7 @@ class Workspace:
         self.buffer: Tensor | None = None
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = 1
-        for s in shape:
-            numel *= int(s)
+        numel = math.prod(shape)
         buffer = self.buffer
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype \
                 or buffer.device != device:
@@ -219,9 +219,24 @@ def precondition_dense(pre: LayerPreconditioner, v: Tensor) -> Tensor:
     if pre.basis is None:
         return v * pre.scale if pre.scale is not None else v
     q_s, q_a = (m.to(v.dtype) for m in pre.basis)
-    rotated = _sandwich(q_s.T, v, q_a)
+    return _unrotate(pre, _sandwich(q_s.T, v, q_a))
+
+
+def precondition_tokens(pre: LayerPreconditioner, a: Tensor, g: Tensor) -> Tensor:
+    """``a [Q, T, i]``, ``g [Q, T, o]`` -> P V, V = Σₜ gₜ āₜᵀ, in the original basis. With few
+    tokens, Q_Sᵀ V Q_A is formed from the rotated tokens, T·(o² + i² + o·i) multiply-adds per
+    query instead of rotating the formed V's o·i·(o + i)."""
+    t, o, i = g.shape[1], g.shape[2], a.shape[2]
+    if pre.basis is None or t * (o * o + i * i + o * i) >= o * i * (o + i):
+        return precondition_dense(pre, outer(a, g))
+    return _unrotate(pre, outer(*rotate(a, g, pre.basis)))
+
+
+def _unrotate(pre: LayerPreconditioner, rotated: Tensor) -> Tensor:
+    """``[Q, o, i]`` in the eigenbasis -> Q_S (rotated ⊙ scale) Q_Aᵀ."""
     if pre.scale is not None:
         rotated = rotated * pre.scale
+    q_s, q_a = (m.to(rotated.dtype) for m in pre.basis)
     return _sandwich(q_s, rotated, q_a.T)
 
 
@@ -247,16 +262,8 @@ def store_chunk(pre: LayerPreconditioner, a: Tensor, g: Tensor, dtype: torch.dty
             q_s, q_a = (m.to(dtype) for m in pre.basis)
             left, right = left @ q_s.T, right @ q_a.T
         return LayerQueries(left=left, right=right)
-    t, o, i = g.shape[1], g.shape[2], a.shape[2]
-    if form == "dense" and pre.basis is not None and t * (o * o + i * i + o * i) < o * i * (o + i):
-        # fewer multiply-adds: rotate the T tokens' factors, not the formed [o, i] matrix
-        q_s, q_a = (m.to(dtype) for m in pre.basis)
-        rotated = outer(*rotate(a, g, pre.basis))
-        if pre.scale is not None:
-            rotated = rotated * pre.scale
-        return LayerQueries(dense=_sandwich(q_s, rotated, q_a.T))
     if form == "dense":
-        return LayerQueries(dense=precondition_dense(pre, outer(a, g)))
+        return LayerQueries(dense=precondition_tokens(pre, a, g))
     if pre.identity:
         return LayerQueries(left=g, right=a)
     rotated_a, rotated_g = rotate(a, g, pre.basis)
