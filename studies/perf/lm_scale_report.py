@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def pearson(a_path: str, b_path: str) -> float:
     import torch
@@ -23,13 +25,8 @@ def sweep_lines(args, rows: list[dict]) -> list[str]:
     if len(by_q) > 1:
         q = [x for x, _ in by_q]
         peak = [r["peak_rss_mb"] for _, r in by_q]
-        mean_q, mean_p = sum(q) / len(q), sum(peak) / len(peak)
-        sxx = sum((x - mean_q) ** 2 for x in q)
-        slope = sum((x - mean_q) * (y - mean_p) for x, y in zip(q, peak, strict=True)) / sxx
-        fitted = [mean_p + slope * (x - mean_q) for x in q]
-        ss_res = sum((y - f) ** 2 for y, f in zip(peak, fitted, strict=True))
-        ss_tot = sum((y - mean_p) ** 2 for y in peak)
-        r2 = 1 - ss_res / ss_tot if ss_tot else 1.0
+        slope, intercept = np.polyfit(q, peak, 1)
+        r2 = float(np.corrcoef(q, peak)[0, 1] ** 2) if np.ptp(peak) > 0 else 1.0
         budget = f"`memory_budget_mb={args.sweep_budget}`" if args.sweep_budget else \
             "the default memory budget"
         out += ["", "Score-stage memory against Q·r: `ekfac estimator.query_rank=32` on the "
@@ -41,7 +38,7 @@ def sweep_lines(args, rows: list[dict]) -> list[str]:
                 f"{r['load']:.1f} | {(r.get('commit') or '?')[:7]} |" for x, r in by_q]
         out += ["", f"Least-squares line: {slope:,.2f} MB per query ({slope / 32 * 1024:,.0f} "
                 f"kB per query factor pair of rank 1), intercept "
-                f"{mean_p - slope * mean_q:,.0f} MB, R² = {r2:.4f}."]
+                f"{intercept:,.0f} MB, R² = {r2:.4f}."]
     by_n = sorted(((int(r["data"].split("-")[1].split("x")[0]), r) for r in rows
                    if r["exit"] == 0 and r["model"] == "gpt2" and r["estimator"] == "ekfac r=32"
                    and r["data"].endswith(f"x{args.queries}")), key=lambda x: x[0])
