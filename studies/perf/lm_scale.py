@@ -34,11 +34,12 @@ factors and the query sweep, ``--sweep-queries`` query counts over the same corp
 (``ekfac r=32 cached``), is scoring only: its peak RSS is the score stage's, against Q·r
 (``--sweep-budget``: one ``memory_budget_mb`` for every Q, so that only the query store
 changes between the points).
-``--sweep-docs`` corpus sizes fit their own factors: peak RSS against n_train, beside the
-main run. Results go to the ``lm-scale`` section of ``--out`` and, run by run, to
-``<workdir>/lm_scale.jsonl`` (a rerun skips the runs found there; drivers with different
-``--models``/``--estimators`` may share a workdir, and ``--report`` only rewrites the
-section from it). Each row carries the commit it ran (``--commit``).
+``--sweep-docs`` corpus sizes fit their own factors under the main run's memory budget (so
+that only n_train changes): peak RSS against n_train, beside the main run. Results go to
+the ``lm-scale`` section of ``--out`` and, run by run, to ``<workdir>/lm_scale.jsonl`` (a
+rerun skips the runs found there; drivers with different ``--models``/``--estimators`` may
+share a workdir, and ``--report`` only rewrites the section from it). Each row carries the
+commit it ran (``--commit``).
 """
 
 from __future__ import annotations
@@ -341,6 +342,10 @@ def main() -> None:
             build_data(data, docs, queries, *sizes)
             extra = [f"memory_budget_mb={args.sweep_budget}"] \
                 if label.endswith("cached") and args.sweep_budget else []  # the Q sweep
+            main_run = next((r for r in done if r["model"] == model and r["estimator"] == label
+                             and r["data"] == main_data.name and r["exit"] == 0), None)
+            if data != main_data and not label.endswith("cached") and main_run:
+                extra = [f"memory_budget_mb={main_run['memory_budget_mb']:.0f}"]  # n sweep
             record(bench_run(args, work, model, label, data, extra))
     kronfluence()
 

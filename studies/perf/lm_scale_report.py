@@ -44,8 +44,8 @@ def sweep_lines(args, rows: list[dict]) -> list[str]:
                    and r["data"].endswith(f"x{args.queries}")), key=lambda x: x[0])
     if len(by_n) > 1:
         out += ["", "Memory against the number of documents (fit + score, "
-                f"`ekfac estimator.query_rank=32`, {args.queries} queries, the default "
-                "memory budget):", "",
+                f"`ekfac estimator.query_rank=32`, {args.queries} queries, the main run's "
+                "default memory budget for every n):", "",
                 "| documents | peak RSS MB | vs the fewest | fit s | score s | load | commit |",
                 "|---|---|---|---|---|---|---|"]
         base = by_n[0][1]["peak_rss_mb"]
