@@ -32,8 +32,9 @@ GPT-2 ekfac run shares one factor cache (``<workdir>/factors/gpt2``; the cache k
 model's and the corpus's content, not the queries), so the main run fits and caches the
 factors and the query sweep, ``--sweep-queries`` query counts over the same corpus
 (``ekfac r=32 cached``), is scoring only: its peak RSS is the score stage's, against Q·r
-(``--sweep-budget``: one ``memory_budget_mb`` for every Q, so that only the query store
-changes between the points).
+(``--sweep-budget``: one ``memory_budget_mb`` for every Q, and ``--sweep-chunk``: one
+``estimator.chunk_size``, since the scoring chunk otherwise grows to fill the budget, so
+that only the query store changes between the points).
 ``--sweep-docs`` corpus sizes fit their own factors under the main run's memory budget (so
 that only n_train changes): peak RSS against n_train, beside the main run. Results go to
 the ``lm-scale`` section of ``--out`` and, run by run, to ``<workdir>/lm_scale.jsonl`` (a
@@ -279,6 +280,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite --out's section")
     parser.add_argument("--sweep-budget", type=int, default=None,
                         help="memory_budget_mb of the query sweep (one budget for every Q)")
+    parser.add_argument("--sweep-chunk", type=int, default=8,
+                        help="estimator.chunk_size of the query sweep (one chunk for every Q)")
     parser.add_argument("--sweep-docs", type=int, nargs="+", default=[75])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--commit", default="", help="the commit measured (for the table)")
@@ -340,8 +343,10 @@ def main() -> None:
         if not have(model, label, data):
             docs, queries = (int(x) for x in data.name.split("-")[1].split("x"))
             build_data(data, docs, queries, *sizes)
-            extra = [f"memory_budget_mb={args.sweep_budget}"] \
-                if label.endswith("cached") and args.sweep_budget else []  # the Q sweep
+            extra = []
+            if label.endswith("cached"):  # the Q sweep
+                extra = [f"estimator.chunk_size={args.sweep_chunk}"] + \
+                    ([f"memory_budget_mb={args.sweep_budget}"] if args.sweep_budget else [])
             main_run = next((r for r in done if r["model"] == model and r["estimator"] == label
                              and r["data"] == main_data.name and r["exit"] == 0), None)
             if data != main_data and not label.endswith("cached") and main_run:
