@@ -181,9 +181,12 @@ class KFAC(GradientEstimator):
         elem = torch.empty((), dtype=passes.accumulation_dtype(problem.model)).element_size()
         largest = max(o * i for o, i in (layer.shape for layer in engine.layers))
         acc = max(passes.accumulator_bytes(engine, "covariance"),
-                  passes.accumulator_bytes(engine, "eigenvalues") + self.state_bytes(engine))
+                  passes.accumulator_bytes(engine, "eigenvalues"))
+        # the eigenbasis is held beside either pass's sums: it is built while the covariance
+        # sums still exist (finish), then the eigenvalue pass accumulates beside it
         fixed = {"model": memory.parameter_bytes(problem.model),
-                 "sums": acc * (2 if saved else 1), "finish": passes.finish_bytes(engine)}
+                 "sums": acc * (2 if saved else 1), "eigenbasis": self.state_bytes(engine),
+                 "finish": passes.finish_bytes(engine)}
         per_example = (act * memory.BACKWARD_FACTOR + capture_bytes(engine, tokens, elem) * 3
                        + largest * elem * 2)
         self.block = budget.batch(fixed, per_example, self.batch_size,

@@ -282,3 +282,28 @@ def test_fresh_refit_targets_draw_new_targets_and_recompute():
     assert torch.equal(lam["empirical", "shared"][name], lam["empirical", "fresh"][name])
     with pytest.raises(ValueError, match="refit_targets"):
         EKFAC(refit_targets="both")
+
+
+def test_fit_plan_holds_the_eigenbasis_beside_the_covariance_sums():
+    """The eigenbasis is built while the covariance sums still exist: the fit's plan leaves
+    room for both at once before it keeps captured factors for the eigenvalue pass. A wide
+    input (A: 401², 16-byte sums) makes the two each a few MB; counting only the larger of
+    them overshot a Llama-shaped fit's budget by its eigenbasis (1.9 GB)."""
+    from estimators.memory import Budget, parameter_bytes
+
+    x = torch.randn(8, 400, dtype=torch.float64)
+    model = nn.Linear(400, 1).double()
+    loss = lambda out, batch: 0.5 * (out - batch[1]).pow(2).sum(-1)  # noqa: E731
+    problem = AttributionProblem(
+        model=model, train=TensorDataset(x, torch.zeros(8, 1, dtype=torch.float64)),
+        queries=TensorDataset(x[:2], torch.zeros(2, 1, dtype=torch.float64)), collate_fn=None,
+        outputs=lambda m, b: m(b[0]), loss=loss, measure=lambda out, b: -loss(out, b),
+        sample_targets=lambda out, b, g: (b[0], out.detach() + torch.randn(
+            out.shape, generator=g, dtype=out.dtype)), l2=L2)
+    estimator = EKFAC(batch_size=2)
+    engine = estimator.engine(problem)
+    budget = Budget(total_mb=64)
+    estimator.plan_fit(problem, budget)
+    held = (parameter_bytes(model) + kfac_factors.accumulator_bytes(engine, "covariance")
+            + estimator.state_bytes(engine) + kfac_factors.finish_bytes(engine))
+    assert 0 < estimator.keep_bytes <= budget.total - held
