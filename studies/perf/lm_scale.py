@@ -344,13 +344,15 @@ def main() -> None:
             docs, queries = (int(x) for x in data.name.split("-")[1].split("x"))
             build_data(data, docs, queries, *sizes)
             extra = []
-            if label.endswith("cached"):  # the Q sweep
+            if label.endswith("cached"):  # the Q sweep: one chunk and budget for every Q
                 extra = [f"estimator.chunk_size={args.sweep_chunk}"] + \
                     ([f"memory_budget_mb={args.sweep_budget}"] if args.sweep_budget else [])
-            main_run = next((r for r in done if r["model"] == model and r["estimator"] == label
-                             and r["data"] == main_data.name and r["exit"] == 0), None)
-            if data != main_data and not label.endswith("cached") and main_run:
-                extra = [f"memory_budget_mb={main_run['memory_budget_mb']:.0f}"]  # n sweep
+            elif data != main_data:  # the n sweep: the main run's budget
+                main_run = next((r for r in done if r["model"] == model and r["data"] ==
+                                 main_data.name and r["estimator"] == label and r["exit"] == 0),
+                                None)
+                if main_run:
+                    extra = [f"memory_budget_mb={main_run['memory_budget_mb']:.0f}"]
             record(bench_run(args, work, model, label, data, extra))
     kronfluence()
 

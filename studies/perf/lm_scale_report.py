@@ -29,7 +29,7 @@ def sweep_lines(args, rows: list[dict]) -> list[str]:
         r2 = float(np.corrcoef(q, peak)[0, 1] ** 2) if np.ptp(peak) > 0 else 1.0
         budget = f"`memory_budget_mb={args.sweep_budget}`" if args.sweep_budget else \
             "the default memory budget"
-        budget += f", `estimator.chunk_size={getattr(args, 'sweep_chunk', 8)}`"
+        budget += f", `estimator.chunk_size={args.sweep_chunk}`"
         out += ["", "Score-stage memory against Q·r: `ekfac estimator.query_rank=32` on the "
                 "GPT-2-shaped model, factors loaded from the cache (scoring only), "
                 f"{args.docs} documents, {budget}:", "",

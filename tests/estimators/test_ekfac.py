@@ -24,25 +24,26 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]).double())[0, 1].item()
 
 
-def regression_problem(n_inputs: int = 30, seed: int = 0) -> AttributionProblem:
+def regression_problem(n_inputs: int = 30, seed: int = 0, d_in: int = D_IN,
+                       d_out: int = D_OUT) -> AttributionProblem:
     """Linear regression ``y = W x + b`` with the summed squared loss ½‖y − t‖², float64.
 
-    The GGN is (1/N) Σ ā āᵀ ⊗ I. Each input appears ``D_OUT`` times, with residuals
-    y − t = √D_OUT eₖ (k = 1..D_OUT), so the empirical Fisher equals the GGN exactly and is
+    The GGN is (1/N) Σ ā āᵀ ⊗ I. Each input appears ``d_out`` times, with residuals
+    y − t = √d_out eₖ (k = 1..d_out), so the empirical Fisher equals the GGN exactly and is
     exactly Kronecker-factored: K-FAC and EK-FAC must match ``explicit`` to float precision.
     The true Fisher samples t ~ N(y, I), whose covariance is the GGN in expectation.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = nn.Linear(D_IN, D_OUT).double()
-    x = torch.randn(n_inputs, D_IN, generator=gen, dtype=torch.float64) * 2 + 0.5
-    x = x.repeat_interleave(D_OUT, dim=0)
-    residuals = math.sqrt(D_OUT) * torch.eye(D_OUT, dtype=torch.float64).repeat(n_inputs, 1)
+        model = nn.Linear(d_in, d_out).double()
+    x = torch.randn(n_inputs, d_in, generator=gen, dtype=torch.float64) * 2 + 0.5
+    x = x.repeat_interleave(d_out, dim=0)
+    residuals = math.sqrt(d_out) * torch.eye(d_out, dtype=torch.float64).repeat(n_inputs, 1)
     with torch.no_grad():
         targets = model(x) - residuals
-    xq = torch.randn(5, D_IN, generator=gen, dtype=torch.float64)
-    yq = torch.randn(5, D_OUT, generator=gen, dtype=torch.float64)
+    xq = torch.randn(5, d_in, generator=gen, dtype=torch.float64)
+    yq = torch.randn(5, d_out, generator=gen, dtype=torch.float64)
 
     def loss(out, batch):
         return 0.5 * (out - batch[1]).pow(2).sum(-1)
@@ -291,19 +292,11 @@ def test_fit_plan_holds_the_eigenbasis_beside_the_covariance_sums():
     them overshot a Llama-shaped fit's budget by its eigenbasis (1.9 GB)."""
     from estimators.memory import Budget, parameter_bytes
 
-    x = torch.randn(8, 400, dtype=torch.float64)
-    model = nn.Linear(400, 1).double()
-    loss = lambda out, batch: 0.5 * (out - batch[1]).pow(2).sum(-1)  # noqa: E731
-    problem = AttributionProblem(
-        model=model, train=TensorDataset(x, torch.zeros(8, 1, dtype=torch.float64)),
-        queries=TensorDataset(x[:2], torch.zeros(2, 1, dtype=torch.float64)), collate_fn=None,
-        outputs=lambda m, b: m(b[0]), loss=loss, measure=lambda out, b: -loss(out, b),
-        sample_targets=lambda out, b, g: (b[0], out.detach() + torch.randn(
-            out.shape, generator=g, dtype=out.dtype)), l2=L2)
+    problem = regression_problem(n_inputs=8, d_in=400, d_out=1)
     estimator = EKFAC(batch_size=2)
     engine = estimator.engine(problem)
     budget = Budget(total_mb=64)
     estimator.plan_fit(problem, budget)
-    held = (parameter_bytes(model) + kfac_factors.accumulator_bytes(engine, "covariance")
+    held = (parameter_bytes(problem.model) + kfac_factors.accumulator_bytes(engine, "covariance")
             + estimator.state_bytes(engine) + kfac_factors.finish_bytes(engine))
     assert 0 < estimator.keep_bytes <= budget.total - held

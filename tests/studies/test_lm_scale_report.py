@@ -14,7 +14,7 @@ def row(estimator: str, data: str, peak: float, **extra) -> dict:
 
 
 ARGS = SimpleNamespace(docs=300, queries=100, tokens=64, query_tokens=32, threads=1,
-                       sweep_budget=3000, commit="abcdef0")
+                       sweep_budget=3000, sweep_chunk=8, commit="abcdef0")
 
 
 def test_query_sweep_fits_a_line_and_documents_compare_to_the_fewest():
