@@ -14,7 +14,8 @@ The tracked modules are tda-bench's (``modules``: :func:`~estimators.gradients.t
 kronfluence itself supports ``nn.Linear`` and ``nn.Conv2d`` only. The model is deep-copied
 before kronfluence wraps its modules (it freezes every parameter of the model it is given).
 Factors and scores are written under the scratch folder, which is removed after scoring
-(a later ``self_influence`` refits).
+(a later ``self_influence`` refits). A float64 model runs kronfluence in float64 throughout
+(its defaults are float32 covariances, per-example gradients and scores).
 
 Damping (kronfluence's ``damping_factor``, Grosse et al. 2023 eq. 21's λ): a number λ gives
 ``damping_factor = λ₂ + λ``, the same damped curvature F̂ + (λ₂ + λ)I that tda-bench's
@@ -39,6 +40,10 @@ from estimators.peers.common import Scratch, require
 from estimators.problem import AttributionProblem, Batch
 
 FISHERS = ("true", "empirical")
+FACTOR_DTYPES = ("activation_covariance_dtype", "gradient_covariance_dtype",
+                 "per_sample_gradient_dtype", "lambda_dtype")
+SCORE_DTYPES = ("query_gradient_svd_dtype", "per_sample_gradient_dtype", "precondition_dtype",
+                "score_dtype")
 NAME = "tda_bench"  # kronfluence's analysis, factors and scores names inside the scratch folder
 
 
@@ -78,6 +83,15 @@ def loss_positions(problem: AttributionProblem, batch: Batch) -> Tensor | None:
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(problem.loss(outputs, batch).sum(), outputs)
     return (grad != 0).any(-1).long()  # as a tokenizer's attention mask
+
+
+def _precision(model: nn.Module) -> tuple[dict, dict]:
+    """kronfluence's dtypes for a float64 model: float64 throughout (its defaults are float32
+    covariances, gradients and scores, which on a float64 model leave a float32 round-off that
+    relative damping amplifies); other models keep kronfluence's defaults."""
+    if next(model.parameters()).dtype != torch.float64:
+        return {}, {}
+    return ({k: torch.float64 for k in FACTOR_DTYPES}, {k: torch.float64 for k in SCORE_DTYPES})
 
 
 class _Root(nn.Module):
@@ -130,10 +144,12 @@ class Kronfluence(Estimator):
 
     def _arguments(self, problem: AttributionProblem):
         arguments = require("kronfluence.arguments", self.name)
+        factor_dtypes, score_dtypes = _precision(problem.model)
         factor_args = arguments.FactorArguments(
-            strategy=self.strategy, use_empirical_fisher=self.fisher == "empirical")
+            strategy=self.strategy, use_empirical_fisher=self.fisher == "empirical",
+            **factor_dtypes)
         damping = None if self.damping is None else problem.l2 + self.damping
-        score_args = arguments.ScoreArguments(damping_factor=damping)
+        score_args = arguments.ScoreArguments(damping_factor=damping, **score_dtypes)
         return factor_args, score_args
 
     def _loader_kwargs(self, problem: AttributionProblem):

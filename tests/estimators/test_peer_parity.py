@@ -131,9 +131,12 @@ def test_kronfluence_heuristic_damping_differs_from_ours_by_l2(tiny_mlp):
 
 
 def test_kronfluence_on_a_causal_lm(tmp_path):
-    """Sequences: EK-FAC equals ours at absolute damping; K-FAC only up to the per-token
-    scale of S (kronfluence averages S over tokens, tda-bench sums an example's tokens, the
-    Fisher of the summed-NLL objective), so it is compared with the relative damping."""
+    """Sequences: EK-FAC equals ours at absolute damping. K-FAC's S differs from kronfluence's
+    by the per-token scale T (kronfluence averages S over tokens, tda-bench sums an example's
+    T = 7 predicted tokens, the Fisher of the summed-NLL objective), so the two are equal when
+    kronfluence's damping is ours / T, and its scores are T × ours. (At ``damping: null`` the
+    per-module dampings agree to 1e-15, but on this random model q/k_proj's are 3e-8, and the
+    ill-conditioned inverse leaves a Pearson of about 0.9998 for either method.)"""
     pytest.importorskip("kronfluence")
     from estimators.peers.kronfluence_ekfac import KronfluenceEKFAC
     from estimators.peers.kronfluence_kfac import KronfluenceKFAC
@@ -143,9 +146,11 @@ def test_kronfluence_on_a_causal_lm(tmp_path):
     a = scores(EKFAC(damping=1e-3, **settings), problem)
     b = scores(KronfluenceEKFAC(damping=1e-3, **settings), problem)
     assert pearson(a, b) >= PARITY
-    a = scores(KFAC(damping=None, **settings), problem)
-    b = scores(KronfluenceKFAC(damping=None, **settings), problem)
+    tokens = 7
+    a = scores(KFAC(damping=1e-2, **settings), problem)
+    b = scores(KronfluenceKFAC(damping=1e-2 / tokens, **settings), problem)
     assert pearson(a, b) >= PARITY
+    assert abs((b.norm() / a.norm()).item() - tokens) < 1e-6 * tokens
 
 
 def test_kronfluence_identity_is_grad_dot_and_diagonal_its_closed_form(tiny_mlp):
