@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from estimators.atomic import payload_bytes, write_bytes, write_text
+from estimators.memory import status_bytes
 
 PACKAGES = ("tda-bench", "torch", "lightning", "hydra-core", "transformers", "wandb", "scipy",
             "numpy", "pandas", "scikit-learn", "bm25s")
@@ -48,12 +49,9 @@ def reset_peak_rss() -> bool:
 def peak_rss_mb() -> float:
     """Peak resident memory in MiB since the last :func:`reset_peak_rss` (VmHWM), else the
     process's lifetime peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        return peak / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -215,10 +215,15 @@ def fit(job: Job, shard: int | None = None) -> list[Path]:
         estimator.memory_budget = memory.budget(cfg.get("memory_budget_mb"), job.problem.device)
         if hasattr(estimator, "plan_fit"):
             estimator.plan_fit(job.problem, saved=sharded)
+    memory.release(job.problem.device)  # what setting up freed: the baseline is what is held
+    baseline = memory.status_bytes("VmRSS")
+    if baseline is not None:
+        job.metrics["baseline_rss_mb"] = baseline / memory.MB
     reset_peak_rss()  # peak_rss_mb measures fit + score, also inside a multirun
     start = time.perf_counter()
     paths = sharding.fit(job, shard)
     if isinstance(estimator, GradientEstimator):
+        memory.release(job.problem.device)  # the fit's transients, before scoring is planned
         estimator.plan_memory(job.problem)
         job.metrics["memory_budget_mb"] = estimator.memory_budget.total_mb
     job.metrics["fit_seconds"] = time.perf_counter() - start

@@ -185,7 +185,7 @@ class KFAC(GradientEstimator):
         # the eigenbasis is held beside either pass's sums: it is built while the covariance
         # sums still exist (finish), then the eigenvalue pass accumulates beside it
         fixed = {"model": memory.parameter_bytes(problem.model),
-                 "sums": acc * (2 if saved else 1), "eigenbasis": self.state_bytes(engine),
+                 "sums": acc * (2 if saved else 1), "eigenbasis": self._basis_bytes(engine),
                  "finish": passes.finish_bytes(engine)}
         per_example = (act * memory.BACKWARD_FACTOR + capture_bytes(engine, tokens, elem) * 3
                        + largest * elem * 2)
@@ -196,10 +196,17 @@ class KFAC(GradientEstimator):
         self.keep_bytes = max(0.0, budget.total - sum(fixed.values()) - self.block * per_example)
         return self.block
 
-    def state_bytes(self, engine: GradientEngine) -> float:
+    def _basis_bytes(self, engine: GradientEngine) -> float:
+        """The fitted factors: Q_A [i, i], Q_S [o, o] and Λ [o, i] per layer."""
         elem = torch.empty((), dtype=score_dtype(engine.model)).element_size()
         return float(sum((i * i + o * o + o * i) * elem
                          for o, i in (layer.shape for layer in engine.layers)))
+
+    def state_bytes(self, engine: GradientEngine) -> float:
+        """The factors and, beside them while scoring, each layer's 1 / (Λ + λ₂ + λ)."""
+        elem = torch.empty((), dtype=score_dtype(engine.model)).element_size()
+        return self._basis_bytes(engine) + float(sum(
+            o * i * elem for o, i in (layer.shape for layer in engine.layers)))
 
     # -- the fit: cached, or passes over blocks (sharded by the harness) --------------------
     def fit_passes(self, problem: AttributionProblem) -> Iterator[FitPass]:

@@ -78,12 +78,26 @@ class LayerQueries:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def normalise(self, norms: Tensor) -> LayerQueries:
-        """Divides each query by ``norms [Q]`` (grad_cos)."""
+        """Divides each query by ``norms [Q]`` (grad_cos), in place."""
         inv = norms.clamp_min(1e-30).reciprocal().to(self._dtype).view(-1, 1, 1)
-        if self.dense is not None:
-            return LayerQueries(dense=self.dense * inv)
-        return LayerQueries(left=self.left * inv, right=self.right, scale=self.scale,
-                            basis=self.basis)
+        (self.dense if self.dense is not None else self.left).mul_(inv)
+        return self
+
+    def allocate(self, n_queries: int) -> LayerQueries:
+        """An empty store of this chunk's form for ``n_queries`` queries (same k, scale and
+        basis), filled chunk by chunk with :meth:`write`: one allocation per layer, where
+        concatenating many small chunk tensors fragments the heap."""
+        def empty(t):
+            return None if t is None else t.new_empty((n_queries, *t.shape[1:]))
+        return LayerQueries(dense=empty(self.dense), left=empty(self.left),
+                            right=empty(self.right), scale=self.scale, basis=self.basis)
+
+    def write(self, rows: slice, part: LayerQueries) -> None:
+        """Copies a chunk's queries (same form and k) into ``rows``."""
+        for mine, theirs in ((self.dense, part.dense), (self.left, part.left),
+                             (self.right, part.right)):
+            if mine is not None:
+                mine[rows] = theirs
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -22,7 +22,7 @@ from torch import Tensor
 from estimators import layerwise
 from estimators.gradients import GradientEngine, score_dtype
 from estimators.layerwise import LayerPreconditioner, LayerQueries
-from estimators.memory import BACKWARD_FACTOR, Budget, SavedBytes, mb, parameter_bytes
+from estimators.memory import BACKWARD_FACTOR, Budget, SavedBytes, mb, parameter_bytes, release
 from estimators.problem import AttributionProblem, eval_mode, move_to
 
 FINITE_HINT = ("check the inputs, lower the training learning rate, or train in float64 (the "
@@ -134,15 +134,32 @@ def _finite(name: str, *tensors: Tensor) -> Tensor:
 def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
                 pres: dict[str, LayerPreconditioner], sizes: ScorePlan,
                 budget: Budget) -> dict[str, LayerQueries]:
-    """Every layer's preconditioned query gradients, built one query chunk at a time."""
+    """Every layer's preconditioned query gradients, built one query chunk at a time.
+
+    Layers whose stored shape does not depend on the query (``dense``, ``low_rank``, the
+    extra parameters) are written into one tensor per layer allocated at the first chunk;
+    ``factors`` (k = the query's tokens) are joined at the end, one layer at a time. What
+    the chunks' transients leave in the heap is handed back at the end (:func:`release`)."""
     dtype = score_dtype(problem.model)
     low_rank = estimator.low_rank if getattr(estimator, "query_rank", None) else None
     allowed = budget.total - sum(v for k, v in sizes.fixed.items() if k != "query gradients")
-    chunks: dict[str, list[LayerQueries]] = {n: [] for n in engine.names}
-    held = 0
+    n_q = problem.n_queries
+    store: dict[str, LayerQueries] = {}
+    chunks: dict[str, list[LayerQueries]] = {}
+    held, start = 0, 0
+
+    def keep(name: str, part: LayerQueries, fixed_shape: bool) -> None:
+        if not fixed_shape:
+            chunks.setdefault(name, []).append(part)
+            return
+        if name not in store:
+            store[name] = part.allocate(n_q)
+        store[name].write(slice(start, start + part.n_queries), part)
+
     with eval_mode(problem.model):
         for batch in problem.loader("queries", sizes.query_chunk):
             captured = engine.capture(problem.query_measure, move_to(batch, problem.device))
+            size = 0
             for name, (a, g) in captured.items():
                 _finite(name, a, g)
                 form = sizes.forms[name]
@@ -154,18 +171,23 @@ def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
                         f"{type(estimator).__name__.lower()}'s query gradients outgrew "
                         f"{budget.source} ({mb(budget.total)}) at {mb(held)} (the "
                         f"queries are longer than the first ones): {_hint(estimator)}.")
-                chunks[name].append(part)
+                keep(name, part, form != "factors")
+                size = part.n_queries
             for name, grads in engine.last_extras.items():  # modules=all_parameters
-                chunks.setdefault(name, []).append(layerwise.LayerQueries(
-                    dense=grads.to(dtype)[:, None, :]))
+                keep(name, layerwise.LayerQueries(dense=grads.to(dtype)[:, None, :]), True)
             del captured
-    store = {}
+            start += size
+    if start != n_q:
+        raise RuntimeError(f"the query loader gave {start} queries, expected {n_q}")
     for name in list(chunks):  # one layer's chunks and its concatenation at a time
         store[name] = layerwise.concat(chunks.pop(name))
+    order = [*engine.names, *(name for name in store if name not in engine.names)]
+    store = {name: store[name] for name in order}
     if estimator.unit_norm:
         norms = sum(q.squared_norms() for q in store.values()).sqrt()
-        for name in store:  # one layer at a time: the store is not held twice
-            store[name] = store[name].normalise(norms)
+        for name in store:
+            store[name].normalise(norms)
+    release(problem.device)  # the chunks' transients, fragmented in the heap
     return store
 
 

@@ -12,5 +12,8 @@ register_metric(Metric("seconds", role="cost", order=92, printed=False,
                        doc="fit + score seconds (the leaderboard's cost column)"))
 register_metric(Metric("peak_rss_mb", role="cost", order=93,
                        doc="peak resident memory (MiB) during fit and score"))
+register_metric(Metric("baseline_rss_mb", role="info", order=94, printed=False,
+                       doc="resident memory (MiB) before the fit: Python, torch, the data and "
+                           "the model; memory_budget_mb bounds what the run uses beyond it"))
 register_metric(Metric("{memory}_mb", role="cost", order=99, printed=False,
                        doc="any other memory figure (MiB) a run records"))

@@ -162,17 +162,22 @@ def _independent_full_gradients(problem, which: str) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_all_parameters_grad_dot_equals_full_gradients(arch):
-    """Embedding rows, norms, a tied lm_head (GPT-2) and every linear layer."""
+def _llama_problem():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     problem = tiny_lm_problem()
-    if arch == "llama":
-        torch.manual_seed(0)
-        problem.model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)).eval()
+    torch.manual_seed(0)
+    problem.model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)).eval()
+    problem.model.double()
+    return problem
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_all_parameters_grad_dot_equals_full_gradients(arch):
+    """Embedding rows, norms, a tied lm_head (GPT-2) and every linear layer."""
+    problem = _llama_problem() if arch == "llama" else tiny_lm_problem()
     problem.model.double()
     queries = _independent_full_gradients(problem, "queries")
     train = _independent_full_gradients(problem, "train")
@@ -204,3 +209,20 @@ def test_half_precision_models_accumulate_in_float32(dtype):
                                    if isinstance(estimator, EKFAC) else {})).score(reference)
         assert pearson(scores, exact) > 0.9
     assert all(f["q_a"].dtype == torch.float32 for f in estimator.factors.values())
+
+
+
+@pytest.mark.parametrize("make", [lambda: GradCos(modules="all_parameters"),
+                                  lambda: EKFAC(batch_size=4, query_rank=3, query_svd="exact"),
+                                  lambda: GradDot()])
+def test_query_store_written_chunk_by_chunk_equals_one_chunk(lm64, make):
+    """The store preallocated at the first query chunk and filled one query at a time (the
+    extra parameters of a Llama, unit-normed; low_rank; dense) equals a single chunk."""
+    problem = _llama_problem() if make().modules == "all_parameters" else lm64
+    scores = []
+    for query_chunk in (problem.n_queries, 1):
+        estimator = make()
+        estimator.plan_memory(problem, Budget(1e4))
+        estimator.plan.query_chunk = query_chunk
+        scores.append(estimator.score(problem))
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-12, atol=1e-14)
