@@ -60,7 +60,7 @@ TINY = {
     "digits_mlp": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
                    "task.lds.subsets=8", "task.lds.seeds=1", "task.pbrf.n=4"],
     "digits_mlp_noisy": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
-                         "task.lds.subsets=8", "task.lds.seeds=1"],
+                         "task.lds.subsets=8", "task.lds.seeds=1", "task.pbrf.n=4"],
     "digits_logreg": ["task.n_train=120", "task.n_queries=12", "task.lds.subsets=8",
                       "task.loo.n=10", "task.pbrf.n=4"],
     "digits_cnn": ["task.n_train=120", "task.n_queries=12", "task.epochs=3",
@@ -78,6 +78,11 @@ TINY = {
               "fact_metrics.k=3"],
 }
 TINY["facts_lds"] = [*TINY["facts"], "task.lds.subsets=4"]
+
+# Overrides that cut the iterative estimators short where a test only checks that a run
+# goes through (their defaults are 2,000 LiSSA steps and 400 Arnoldi iterations).
+SHORT = {"lissa": ["estimator.depth=3", "estimator.power_iterations=2"],
+         "arnoldi": ["estimator.iterations=4", "estimator.rank=2"]}
 
 
 @functools.cache

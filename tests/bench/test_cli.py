@@ -14,7 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 from bench.cli import CONF_DIR, run
 from bench.errors import user_message
 from bench.report.leaderboard import build
-from tests.helpers import TINY, cli
+from tests.helpers import SHORT, TINY, cli
 
 ESTIMATORS = sorted(p.stem for p in Path(CONF_DIR, "estimator").glob("*.yaml"))
 TASKS = sorted(p.stem for p in Path(CONF_DIR, "task").glob("*.yaml"))
@@ -108,8 +108,7 @@ def test_every_estimator_config_runs_on_a_tiny_language_model(make_cfg, estimato
     """The fact task's Llama (attention through SDPA) under every estimator's defaults,
     cut short where the default is long: LiSSA's and Arnoldi's curvature products
     differentiate through attention twice."""
-    short = {"lissa": ["estimator.depth=3", "estimator.power_iterations=2"],
-             "arnoldi": ["estimator.iterations=4", "estimator.rank=2"]}.get(estimator, [])
+    short = SHORT.get(estimator, [])
     if estimator in PEERS:
         record = run_or_refuse(make_cfg("facts", f"estimator={estimator}",
                                         "fact_metrics.with_tail_patch=false"), estimator)

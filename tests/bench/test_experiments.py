@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from bench.cli import CONF_DIR
-from tests.helpers import TINY
+from tests.helpers import SHORT, TINY
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,8 @@ def test_experiment_runs_end_to_end_shrunk(name, tmp_path):
     params = sweep_params(name)
     task = params["task"][-1]  # the fact task where there is one: the costlier path
     first = {k: (task if k == "task" else v[0]) for k, v in params.items()}
-    one_job = ["hydra.sweeper.params={" + ",".join(f"{k}:'{v}'" for k, v in first.items()) + "}"]
+    first.update(o.split("=") for o in SHORT.get(first["estimator"], []))  # in the job's params
+    one_job = ["++hydra.sweeper.params={" + ",".join(f"{k}:'{v}'" for k, v in first.items()) + "}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", f"experiment={name}", f"task={task}", *one_job, *TINY[task],
