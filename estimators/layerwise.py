@@ -205,7 +205,7 @@ def layer_scores(q: LayerQueries, a: Tensor, g: Tensor, dtype: torch.dtype,
     for s in range(0, n_q, block):
         v = torch.einsum("qko,qki->qoi", q.left[s:s + block], q.right[s:s + block])
         if q.scale is not None:
-            v = v * q.scale
+            v.mul_(q.scale)  # in place: the plan counts one expanded block (expand_bytes)
         out[s:s + block] = v.flatten(1) @ grads.T
     return out
 

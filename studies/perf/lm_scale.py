@@ -34,7 +34,9 @@ factors and the query sweep, ``--sweep-queries`` query counts over the same corp
 (``ekfac r=32 cached``), is scoring only: its peak RSS is the score stage's, against Q·r
 (``--sweep-budget``: one ``memory_budget_mb`` for every Q, and ``--sweep-chunk``: one
 ``estimator.chunk_size``, since the scoring chunk otherwise grows to fill the budget, so
-that only the query store changes between the points).
+that only the query store changes between the points). The budget must not bind at the
+largest Q: a binding budget shrinks the chunks to hold the peak at baseline + budget, and
+the peak is then flat in Q, not linear (10,000 MB does not bind on the GPT-2 model).
 ``--sweep-docs`` corpus sizes fit their own factors under the main run's memory budget (so
 that only n_train changes): peak RSS against n_train, beside the main run. Results go to
 the ``lm-scale`` section of ``--out`` and, run by run, to ``<workdir>/lm_scale.jsonl`` (a
