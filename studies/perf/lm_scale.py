@@ -280,8 +280,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-queries", type=int, nargs="+", default=[25, 50, 100])
     parser.add_argument("--report", action="store_true", help="only rewrite --out's section")
-    parser.add_argument("--sweep-budget", type=int, default=None,
-                        help="memory_budget_mb of the query sweep (one budget for every Q)")
+    parser.add_argument("--sweep-budget", type=int, default=10000,
+                        help="memory_budget_mb of the query sweep (one budget for every Q; "
+                        "0: the default budget); it must not bind at the largest Q")
     parser.add_argument("--sweep-chunk", type=int, default=8,
                         help="estimator.chunk_size of the query sweep (one chunk for every Q)")
     parser.add_argument("--sweep-docs", type=int, nargs="+", default=[75])
