@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from estimators.atomic import payload_bytes, write_bytes, write_text
-from estimators.memory import status_bytes
+from estimators.memory import MB, status_bytes
 
 PACKAGES = ("tda-bench", "torch", "lightning", "hydra-core", "transformers", "wandb", "scipy",
             "numpy", "pandas", "scikit-learn", "bm25s")
@@ -51,7 +51,7 @@ def peak_rss_mb() -> float:
     process's lifetime peak."""
     peak = status_bytes("VmHWM")
     if peak is not None:
-        return peak / 2**20
+        return peak / MB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -77,11 +77,10 @@ class LayerQueries:
         parts = [self.dense, self.left, self.right]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
-    def normalise(self, norms: Tensor) -> LayerQueries:
+    def normalise(self, norms: Tensor) -> None:
         """Divides each query by ``norms [Q]`` (grad_cos), in place."""
         inv = norms.clamp_min(1e-30).reciprocal().to(self._dtype).view(-1, 1, 1)
         (self.dense if self.dense is not None else self.left).mul_(inv)
-        return self
 
     def allocate(self, n_queries: int) -> LayerQueries:
         """An empty store of this chunk's form for ``n_queries`` queries (same k, scale and

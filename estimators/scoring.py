@@ -146,9 +146,11 @@ def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
     n_q = problem.n_queries
     store: dict[str, LayerQueries] = {}
     chunks: dict[str, list[LayerQueries]] = {}
-    held, start = 0, 0
+    held, start, size = 0, 0, 0
 
     def keep(name: str, part: LayerQueries, fixed_shape: bool) -> None:
+        nonlocal size
+        size = part.n_queries
         if not fixed_shape:
             chunks.setdefault(name, []).append(part)
             return
@@ -159,7 +161,6 @@ def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
     with eval_mode(problem.model):
         for batch in problem.loader("queries", sizes.query_chunk):
             captured = engine.capture(problem.query_measure, move_to(batch, problem.device))
-            size = 0
             for name, (a, g) in captured.items():
                 _finite(name, a, g)
                 form = sizes.forms[name]
@@ -172,7 +173,6 @@ def query_store(estimator, problem: AttributionProblem, engine: GradientEngine,
                         f"{budget.source} ({mb(budget.total)}) at {mb(held)} (the "
                         f"queries are longer than the first ones): {_hint(estimator)}.")
                 keep(name, part, form != "factors")
-                size = part.n_queries
             for name, grads in engine.last_extras.items():  # modules=all_parameters
                 keep(name, layerwise.LayerQueries(dense=grads.to(dtype)[:, None, :]), True)
             del captured

@@ -211,7 +211,6 @@ def test_half_precision_models_accumulate_in_float32(dtype):
     assert all(f["q_a"].dtype == torch.float32 for f in estimator.factors.values())
 
 
-
 @pytest.mark.parametrize("make", [lambda: GradCos(modules="all_parameters"),
                                   lambda: EKFAC(batch_size=4, query_rank=3, query_svd="exact"),
                                   lambda: GradDot()])
