@@ -15,9 +15,11 @@ and the sweep goes on. Programming errors keep their traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import time
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -45,6 +47,7 @@ PROG = "tda-bench"
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one benchmark job through its stages and returns its record (also written to
     the run directory); with ``stage=ground_truth``, one shard of each ground truth."""
+    start = time.perf_counter()
     job = stages.resolve(cfg)
     if cfg.stage == "ground_truth":
         return {"stage": "ground_truth", "shards": list(map(str, stages.ground_truth_shards(job)))}
@@ -58,13 +61,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "shards": list(map(str, stages.fit(job, int(cfg.factors.shard))))}
         stages.fit(job)
         return {"stage": "score", "shards": [str(stages.score_shard(job))]}
-    stages.ground_truth(job, "task")
-    stages.model(job)
-    stages.ground_truth(job, "model")
+    clock = StageClock(start)
+    with clock("ground_truth"):
+        stages.ground_truth(job, "task")
+    with clock("model"):
+        stages.model(job)
+    with clock("ground_truth"):
+        stages.ground_truth(job, "model")
     stages.fit(job)
     stages.score(job)
-    stages.evaluate(job)
+    with clock("evaluate"):  # the kinds that need the scores (tail-patch), then the metrics
+        stages.evaluate(job)
+    job.metrics.update(clock.seconds())
     return record(job)
+
+
+class StageClock:
+    """Wall seconds per stage of one job (``model_seconds``, ``ground_truth_seconds``,
+    ``evaluate_seconds``) and of the whole job from its start (``job_seconds``, imports not
+    counted): where a sweep's time goes (``python -m studies.sweep_profile``)."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.totals = start, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - begin
+
+    def seconds(self) -> dict[str, float]:
+        return {**{f"{k}_seconds": v for k, v in self.totals.items()},
+                "job_seconds": time.perf_counter() - self.start}
 
 
 def record(job: stages.Job) -> dict[str, Any]:

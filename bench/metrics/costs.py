@@ -15,5 +15,14 @@ register_metric(Metric("peak_rss_mb", role="cost", order=93,
 register_metric(Metric("baseline_rss_mb", role="info", order=94, printed=False,
                        doc="resident memory (MiB) before the fit: Python, torch, the data and "
                            "the model; memory_budget_mb bounds what the run uses beyond it"))
+for stage, what in (("model", "training the attributed model, or loading it from the cache"),
+                    ("ground_truth", "computing the ground truth (retraining), or loading it"),
+                    ("evaluate", "the ground truths that need the scores (tail-patch), then "
+                                 "the metrics")):
+    register_metric(Metric(f"{stage}_seconds", role="info", order=95, printed=False,
+                           doc=f"wall time of {what}"))
+register_metric(Metric("job_seconds", role="info", order=96, printed=False,
+                       doc="wall time of the whole job, resolve to evaluate (imports and the "
+                           "record not counted)"))
 register_metric(Metric("{memory}_mb", role="cost", order=99, printed=False,
                        doc="any other memory figure (MiB) a run records"))

@@ -38,6 +38,10 @@ def test_records_of_a_run(make_cfg):
     per_query = pd.read_csv(out / "per_query.csv")
     assert list(per_query.columns) == ["query", "lds", "loo_pearson", "loo_spearman",
                                        "pbrf_pearson", "pbrf_spearman", "top1pct_share"]
+    stages = [metrics[f"{s}_seconds"] for s in ("model", "ground_truth", "fit", "score",
+                                                 "evaluate")]
+    assert min(stages) >= 0 and sum(stages) <= metrics["job_seconds"]
+    assert metrics["ground_truth_seconds"] > 0  # LOO, LDS and PBRF retraining, this first time
     assert len(per_query) == 12
     assert per_query["lds"].mean() == pytest.approx(metrics["lds"])
     assert torch.load(out / "scores.pt").shape == (12, 120)
