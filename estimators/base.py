@@ -125,8 +125,9 @@ class GradientEstimator(Estimator):
         index_dir: with a projection, keep projected training gradients in this directory
             and reuse them (None: recompute every time).
         projection_structure: ``kronecker`` (per layer, from the factored gradient; cheap,
-            for estimators that apply no element-wise correction) or ``dense`` (per-example
-            gradients times a block-generated dense matrix; more accurate per dimension).
+            for estimators that apply no element-wise correction), ``dense`` (per-example
+            gradients times a block-generated dense matrix; more accurate per dimension) or
+            ``sparse`` (CountSketch of the per-example gradients; O(P) whatever the dim).
         candidates: ``{retriever: tfidf|bm25, k}``: score each query only against its top-k
             lexical candidates (the rest NaN; :mod:`estimators.candidates`), or None.
     """
@@ -161,9 +162,11 @@ class GradientEstimator(Estimator):
         for key, why in self.unsupported.items():
             if getattr(self, key):
                 raise OptionError(why.format(name=name))
-        if self.per_layer and self.projection_options.enabled and projection_structure == "dense":
-            raise OptionError("a dense projection mixes layers, so {per_layer} scores need "
-                              "{projection_structure=kronecker} (or no projection).")
+        if (self.per_layer and self.projection_options.enabled
+                and projection_structure != "kronecker"):
+            raise OptionError(f"a {projection_structure} projection mixes layers, so "
+                              "{per_layer} scores need {projection_structure=kronecker} (or no "
+                              "projection).")
         self.layer_scores: Tensor | None = None
         self.memory_budget: memory.Budget | None = None  # set by the harness (memory_budget_mb)
         self.plan: scoring.ScorePlan | None = None

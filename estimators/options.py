@@ -40,7 +40,7 @@ from typing import Any
 
 CURVATURES = ("ggn", "hessian")  # Gauss-Newton or exact Hessian (estimators.explicit)
 KINDS = ("rademacher", "gaussian")  # entries of a random projection
-STRUCTURES = ("kronecker", "dense")  # how a projection is applied (estimators.projection)
+STRUCTURES = ("kronecker", "dense", "sparse")  # how a projection is applied (estimators.projection)
 
 
 # An argument reference in an OptionError template: {name} or {name=value}; {{ and }} are
@@ -267,8 +267,9 @@ class ProjectionOptions:
         dim: project every gradient to about this many numbers; None keeps exact gradients.
         kind: ``rademacher`` or ``gaussian`` entries.
         seed: the projection's seed.
-        structure: ``kronecker`` (per layer, from the factored gradient) or ``dense`` (one
-            ``[P, dim]`` matrix over all tracked parameters).
+        structure: ``kronecker`` (per layer, from the factored gradient), ``dense`` (one
+            ``[P, dim]`` matrix over all tracked parameters) or ``sparse`` (CountSketch: one
+            seeded bucket and sign per parameter).
         index_dir: with a projection, the directory where projected training gradients
             ``[n_train, dim]`` are stored once and memory-mapped after; None recomputes them.
     """

@@ -13,6 +13,11 @@ The matrix is never held whole. It is applied in one of two forms:
   (R_aᵀ ā_t)ᵀ, shape ``[d_o, d_a]`` with d_o·d_a ≈ d_l, computed from the engine's
   :meth:`~estimators.gradients.GradientEngine.capture` without ever forming G. Valid when
   the estimator applies no element-wise correction to G.
+* **sparse** (CountSketch; Clarkson & Woodruff 2013, the s = 1 sparse JL transform of Kane &
+  Nelson 2014): each parameter j of the tracked layers goes to one seeded bucket h(j) of the
+  d with a seeded sign s(j), y[h(j)] += s(j)·x[j]. E[(Sx)·(Sy)] = x·y with variance at most
+  2‖x‖²‖y‖²/d, like a dense projection, at O(P) time per example and O(P) memory whatever
+  d is: the projection for large d (2¹⁶ and beyond) on materialised gradients.
 * **dense**: one R ``[P, d]`` over all tracked parameters; x R = Σ_l x_l R_l is computed one
   layer at a time from that layer's per-example gradients ``[B, o·i]``, the rows of R_l
   generated block by block (``block_rows`` at a time, each block from its own seed), so
@@ -64,6 +69,15 @@ def dense_project(x: Tensor, dim: int, kind: str, seed: int, block_rows: int = 4
     return out
 
 
+def sparse_buckets(size: int, dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """CountSketch's seeded map of ``size`` coordinates: bucket ``[size]`` int64 in [0, dim)
+    and sign ``[size]`` float32 ±1."""
+    gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))
+    bucket = torch.randint(0, int(dim), (int(size),), generator=gen)
+    sign = torch.randint(0, 2, (int(size),), generator=gen).to(torch.float32).mul_(2).sub_(1)
+    return bucket, sign
+
+
 def _finite(name: str, grad: Tensor) -> Tensor:
     if not torch.isfinite(grad).all():
         raise FloatingPointError(
@@ -100,7 +114,8 @@ def _factor(budget: int, o: int, i: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-DENSE = "projected"  # the single key of a dense projection's output
+DENSE = "projected"  # the single key of a dense (or sparse) projection's output
+FLAT = ("dense", "sparse")  # structures with one [P, d] map over all tracked parameters
 
 
 class Projector:
@@ -112,9 +127,10 @@ class Projector:
         kind: ``rademacher`` or ``gaussian``.
         seed: the projection's seed.
         structure: ``kronecker`` (per layer, from captured inputs and output gradients; output
-            ``{layer: [B, d_o, d_a]}``) or ``dense`` (one [P, d] matrix over all tracked
+            ``{layer: [B, d_o, d_a]}``), ``dense`` (one [P, d] matrix over all tracked
             parameters, applied layer by layer to materialised gradients, its rows generated
-            in blocks; output ``{"projected": [B, 1, d]}``, identity when d ≥ P).
+            in blocks; output ``{"projected": [B, 1, d]}``, identity when d ≥ P) or
+            ``sparse`` (CountSketch of the materialised gradients; the same output).
         block_rows: rows of a dense projection generated at a time.
     """
 
@@ -127,8 +143,9 @@ class Projector:
         self.structure, self.block_rows = structure, int(block_rows)
         sizes = [o * i for o, i in (layer.shape for layer in engine.layers)]
         self.layer_seeds = [self.seed * 7919 + n for n in range(len(sizes))]
-        self.identity = structure == "dense" and int(dim) >= sum(sizes)
-        if structure == "dense":
+        flat = structure in FLAT
+        self.identity = flat and int(dim) >= sum(sizes)
+        if flat:
             self.plans = [LayerPlan(DENSE, 1, sum(sizes), 1, min(int(dim), sum(sizes)),
                                     self.seed)]
         else:
@@ -139,6 +156,7 @@ class Projector:
                 d_o, d_a = _factor(max(1, round(int(dim) * size / sum(sizes))), o, i)
                 self.plans.append(LayerPlan(layer.name, o, i, d_o, d_a, layer_seed))
         self._factors: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+        self._buckets: dict[int, tuple[Tensor, Tensor]] = {}
 
     @property
     def dim(self) -> int:
@@ -175,7 +193,7 @@ class Projector:
                 the factored path when there is no correction).
         """
         captured = self.engine.capture(fn, batch)
-        if self.structure == "dense":  # one layer's per-example gradients at a time
+        if self.structure in FLAT:  # one layer's per-example gradients at a time
             parts = []
             for n, (name, (a, g)) in enumerate(captured.items()):
                 grad = {name: _finite(name, torch.einsum("bto,bti->boi", g, a))}
@@ -203,6 +221,14 @@ class Projector:
         x = grad.flatten(1).to(torch.float32)
         if self.identity:
             return x
+        if self.structure == "sparse":
+            if n not in self._buckets:
+                self._buckets[n] = sparse_buckets(x.shape[1], self.plans[0].dim,
+                                                  self.layer_seeds[n])
+            bucket, sign = (t.to(x.device) for t in self._buckets[n])
+            out = torch.zeros(x.shape[0], self.plans[0].dim, dtype=torch.float32,
+                              device=x.device)
+            return out.index_add_(1, bucket, x * sign)
         return dense_project(x, self.plans[0].dim, self.kind, self.layer_seeds[n],
                              self.block_rows)
 
@@ -213,8 +239,9 @@ class Projector:
     def project_gradients(self, grads: LayerGrads) -> LayerGrads:
         """Dense projection of materialised gradients ``{layer: [B, o, i]} -> {"projected":
         [B, 1, d]}`` (for estimators that correct gradients first, e.g. TrackStar)."""
-        if self.structure != "dense":
-            raise ValueError("project_gradients needs projection structure 'dense'.")
+        if self.structure not in FLAT:
+            raise ValueError("project_gradients needs projection structure 'dense' or "
+                             "'sparse'.")
         names = [layer.name for layer in self.engine.layers]
         return self._dense_total([self._dense_part(n, grads[name])
                                   for n, name in enumerate(names)])
