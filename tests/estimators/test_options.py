@@ -92,7 +92,8 @@ def test_projection_options_validate_on_construction():
         ProjectionOptions(dim=0)
     with pytest.raises(ValueError, match="^projection_kind must be rademacher or gaussian"):
         ProjectionOptions(kind="sparse")
-    with pytest.raises(ValueError, match="^projection_structure must be kronecker, dense or sparse"):
+    with pytest.raises(ValueError,
+                       match="^projection_structure must be kronecker, dense or sparse"):
         ProjectionOptions(structure="tree")
     with pytest.raises(ValueError, match="^projection_seed must be a non-negative integer"):
         ProjectionOptions(seed="zero")
