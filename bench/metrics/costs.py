@@ -24,5 +24,8 @@ for stage, what in (("model", "training the attributed model, or loading it from
 register_metric(Metric("job_seconds", role="info", order=96, printed=False,
                        doc="wall time of the whole job, resolve to evaluate (imports and the "
                            "record not counted)"))
+register_metric(Metric("memory_budget_mb", role="info", order=97, printed=False,
+                       doc="the budget (MiB) the run's stages were planned within, beyond the "
+                           "baseline (a setting, not a measured cost)"))
 register_metric(Metric("{memory}_mb", role="cost", order=99, printed=False,
                        doc="any other memory figure (MiB) a run records"))
