@@ -64,6 +64,8 @@ COMPARE = [
       for h in ("train", "task", "mixed")],
     ("R at Kronecker d = 4096", "kronecker_4096_task", "kronecker_4096_train"),
     ("R at Kronecker d = 4096", "kronecker_4096_mixed", "kronecker_4096_task"),
+    ("the shipped default (sparse, 2¹⁶, no R) against the former one (Kronecker, 4096, mixed)",
+     "sparse_65536", "kronecker_4096_mixed"),
 ]
 
 

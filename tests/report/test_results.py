@@ -3,6 +3,7 @@ run records (``results/records/``) byte for byte, with the command each table na
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -34,3 +35,24 @@ def test_committed_table_rebuilds_from_committed_records(table, tmp_path, monkey
     assert rebuilt == text
     committed = (REPO / out / "leaderboard.csv").read_bytes()
     assert (tmp_path / "leaderboard.csv").read_bytes() == committed
+
+
+@pytest.mark.parametrize("name, module", [("FINDINGS.md", "studies.findings"),
+                                          ("trackstar_projection.md",
+                                           "studies.trackstar_projection")])
+def test_committed_study_rebuilds_from_committed_records(name, module, tmp_path, monkeypatch):
+    """A generated study (``results/FINDINGS.md``, ``results/trackstar_projection.md``)
+    rebuilds byte for byte with the command its header names."""
+    path = REPO / "results" / name
+    if not path.exists():
+        pytest.skip(f"results/{name} is not committed")
+    text = path.read_text()
+    found = re.search(rf"Built with `python -m {re.escape(module)} (.*?)`", text)
+    assert found, f"results/{name} does not say how it was built"
+    argv = shlex.split(found.group(1))
+    out = argv[argv.index("--out") + 1]
+    assert out == f"results/{name}"
+    monkeypatch.chdir(REPO)
+    argv[argv.index("--out") + 1] = str(tmp_path / name)
+    importlib.import_module(module).main(argv)
+    assert (tmp_path / name).read_text().replace(str(tmp_path / name), out) == text
