@@ -37,9 +37,10 @@ def test_every_key_is_documented_where_it_is_set():
 
 def test_gradient_estimators_share_one_definition_of_each_key():
     """modules, chunk_size, per_layer and the projection keys are set only in base/ (an
-    estimator may override a default, e.g. trak's projection_dim), and compose flat."""
-    shared = {"modules", "chunk_size", "per_layer", "projection_kind", "projection_structure",
-              "projection_seed", "index_dir"}
+    estimator may override the projection's dim and structure, e.g. trak's projection_dim
+    or trackstar's sparse 2¹⁶), and compose flat."""
+    shared = {"modules", "chunk_size", "per_layer", "projection_kind", "projection_seed",
+              "index_dir"}
     for name in ESTIMATORS:
         own = {line.split(":")[0] for line in (GROUP / f"{name}.yaml").read_text().splitlines()
                if re.match(r"\w+:", line)}
