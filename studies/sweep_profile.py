@@ -37,6 +37,7 @@ def job_rows(folders: list[Path]) -> pd.DataFrame:
             job = float(record.get("job_seconds") or sum(stages.values()))
             end = datetime.fromisoformat(record["date"]) if record.get("date") else None
             rows.append({"task": record.get("task"), "estimator": record.get("estimator"),
+                         "commit": record.get("commit"),
                          "seed": record.get("seed"), **stages, "job": job,
                          "other": max(job - sum(stages.values()), 0.0), "end": end,
                          "begin": end - timedelta(seconds=job) if end else None})
@@ -76,7 +77,9 @@ def markdown(rows: pd.DataFrame, argv: list[str]) -> str:
     total = float(rows["job"].sum())
     lines = ["# Sweep profile", "",
              f"Built with `python -m studies.sweep_profile {' '.join(argv)}` from "
-             f"{len(rows)} job records.", "",
+             f"{len(rows)} job records (commit: "
+             f"{', '.join(sorted({str(c) for c in rows['commit']}))}). A job that waits for "
+             "another's lock on the same ground truth counts the wait as ground_truth.", "",
              f"- jobs' sum: {total:.0f} s ({total / 60:.1f} min)",
              f"- wall span: {span:.0f} s ({span / 60:.1f} min)" if span is not None
              else "- wall span: unknown (records without dates)",

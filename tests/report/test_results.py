@@ -39,7 +39,8 @@ def test_committed_table_rebuilds_from_committed_records(table, tmp_path, monkey
 
 @pytest.mark.parametrize("name, module", [("FINDINGS.md", "studies.findings"),
                                           ("trackstar_projection.md",
-                                           "studies.trackstar_projection")])
+                                           "studies.trackstar_projection"),
+                                          ("leaderboard_profile.md", "studies.sweep_profile")])
 def test_committed_study_rebuilds_from_committed_records(name, module, tmp_path, monkeypatch):
     """A generated study (``results/FINDINGS.md``, ``results/trackstar_projection.md``)
     rebuilds byte for byte with the command its header names."""
