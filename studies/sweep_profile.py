@@ -17,11 +17,12 @@ sum. Records from before the stage clock (no ``job_seconds``) count only fit + s
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
+
+from bench.report.records import collect
 
 STAGES = ["model", "ground_truth", "fit", "score", "evaluate"]
 
@@ -29,21 +30,21 @@ STAGES = ["model", "ground_truth", "fit", "score", "evaluate"]
 def job_rows(folders: list[Path]) -> pd.DataFrame:
     """One row per job record (``metrics.json``) under ``folders``: task, estimator, seed,
     the stage seconds (0 where not recorded), ``other`` (the job's rest) and its span."""
-    rows = []
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("metrics.json")):
-            record = json.loads(path.read_text())
-            stages = {s: float(record.get(f"{s}_seconds") or 0.0) for s in STAGES}
-            job = float(record.get("job_seconds") or sum(stages.values()))
-            end = datetime.fromisoformat(record["date"]) if record.get("date") else None
-            rows.append({"task": record.get("task"), "estimator": record.get("estimator"),
-                         "commit": record.get("commit"),
-                         "seed": record.get("seed"), **stages, "job": job,
-                         "other": max(job - sum(stages.values()), 0.0), "end": end,
-                         "begin": end - timedelta(seconds=job) if end else None})
-    if not rows:
+    try:
+        runs = collect(list(folders))
+    except FileNotFoundError:
         raise SystemExit(f"no metrics.json under {', '.join(map(str, folders))}: point "
-                         "sweep_profile at a sweep's folder (hydra.sweep.dir)")
+                         "sweep_profile at a sweep's folder (hydra.sweep.dir)") from None
+    rows = []
+    for record in (run.record for run in runs):
+        stages = {s: float(record.get(f"{s}_seconds") or 0.0) for s in STAGES}
+        job = float(record.get("job_seconds") or sum(stages.values()))
+        end = datetime.fromisoformat(record["date"]) if record.get("date") else None
+        rows.append({"task": record.get("task"), "estimator": record.get("estimator"),
+                     "commit": record.get("commit"),
+                     "seed": record.get("seed"), **stages, "job": job,
+                     "other": max(job - sum(stages.values()), 0.0), "end": end,
+                     "begin": end - timedelta(seconds=job) if end else None})
     return pd.DataFrame(rows)
 
 

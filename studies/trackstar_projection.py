@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.record import archive
 from bench.report.records import collect, label_runs, per_seed_values
-from bench.report.stats import bootstrap_interval, cell_seed, differences
+from bench.report.stats import cell, cell_seed, differences
 
 N_BOOT, SEED = 2000, 0
 METRICS = ["mrr", "recall@10"]
 BASE = ["task=facts", "estimator=trackstar", "seed=0,1,2", "logger=none", "num_threads=1",
         "fact_metrics.with_tail_patch=false"]
 NONE = ["estimator.hessian=none"]
-# name -> estimator overrides (the shipped default: kronecker, d = 4096, hessian=mixed)
+# name -> estimator overrides (the default: sparse_65536; before it: kronecker_4096_mixed)
 VARIANTS = {
     "exact": ["estimator.projection_dim=null", *NONE],
     **{f"{s}_{d}": [f"estimator.projection_structure={s}", f"estimator.projection_dim={d}",
@@ -81,15 +82,9 @@ def run(workdir: Path, names: list[str]) -> None:
         subprocess.run(cmd, check=True, env=env)
 
 
-def _cell(run_by_seed: dict, metric: str, *names: str) -> str:
-    rows = [per_seed_values(r, metric)[1] for _, r in sorted(run_by_seed.items())]
-    width = max(len(r) for r in rows)
-    values = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        values[i, : len(r)] = r
-    lo, hi = bootstrap_interval(values, cell_seed(SEED, *names, metric), N_BOOT)
-    mean = float(np.mean([np.nanmean(r) for r in rows]))
-    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+def _cell(runs: list, metric: str, name: str) -> str:
+    value = cell(runs, metric, cell_seed(SEED, "facts", name, metric), N_BOOT)
+    return f"{value['mean']:.3f} [{value['lo']:.3f}, {value['hi']:.3f}]"
 
 
 def markdown(records: Path, argv: list[str]) -> str:
@@ -114,11 +109,11 @@ def markdown(records: Path, argv: list[str]) -> str:
             lines.append(f"| {name} | `{' '.join(overrides)}` | not run |" + " |" * (
                 len(METRICS) + 1))
             continue
-        by_seed = dict(zip(here["seed"].astype(int), here["run"], strict=True))
-        cells = [_cell(by_seed, m, name) for m in METRICS]
-        seconds = np.mean([per_seed_values(r, "seconds")[0] for r in by_seed.values()])
+        runs = list(here.sort_values("seed")["run"])
+        cells = [_cell(runs, m, name) for m in METRICS]
+        seconds = np.mean([per_seed_values(r, "seconds")[0] for r in runs])
         lines.append(f"| {name} | `{' '.join(overrides)}` | " + " | ".join(cells)
-                     + f" | {seconds:.1f} | {len(by_seed)}/3 |")
+                     + f" | {seconds:.1f} | {len(runs)}/3 |")
     lines += ["", "## Paired differences (A − B, by seed and query)", "",
               "| question | A | B | metric | A − B [95 % CI] | verdict |",
               "|---|---|---|---|---|---|"]
@@ -143,12 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         run(args.workdir, args.only or list(VARIANTS))
         shutil.rmtree(args.records, ignore_errors=True)
-        for path in args.workdir.rglob("metrics.json"):
-            target = args.records / path.parent.relative_to(args.workdir)
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.json", "per_query.csv"):
-                if (path.parent / name).exists():
-                    shutil.copy2(path.parent / name, target / name)
+        archive([args.workdir / name for name in VARIANTS if (args.workdir / name).is_dir()],
+                args.records)  # <records>/<variant>/<job>/
     text = markdown(args.records, ["--records", str(args.records), "--out", str(args.out)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -93,9 +93,9 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
         for metric in metrics:
             if baseline_of(metric) is not None:  # a row of its own, below
                 continue
-            cell = _cell(runs, metric, cell_seed(seed, task, estimator, metric), n_boot)
-            if cell is not None:
-                rows.append({**base, **cell, "metric": metric})
+            value = cell(runs, metric, cell_seed(seed, task, estimator, metric), n_boot)
+            if value is not None:
+                rows.append({**base, **value, "metric": metric})
     rows += _baseline_cells(frame, metrics, expected, n_boot, seed)
     ceilings = [{"task": task, "value": float(run.record["lds_ceiling"])}
                 for task, run in zip(frame["task"], frame["run"], strict=True)
@@ -113,7 +113,7 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], expected: dict[str, list[
     return mark_best(cells)
 
 
-def _cell(runs: list, metric: str, rng: np.random.Generator, n_boot: int) -> dict | None:
+def cell(runs: list, metric: str, rng: np.random.Generator, n_boot: int) -> dict | None:
     """``{mean, lo, hi, higher_is_better}`` of ``metric`` over the seeds ``runs``, or None."""
     pairs = [per_seed_values(r, metric) for r in runs]
     scalars = np.array([p[0] for p in pairs])
@@ -137,9 +137,9 @@ def _baseline_cells(frame: pd.DataFrame, metrics: list[str], expected: dict[str,
                 continue
             row, target = found
             for estimator, runs in group.groupby("estimator", sort=True)["run"]:
-                cell = _cell(list(runs), metric, cell_seed(seed, task, row, target), n_boot)
-                if cell is not None:
-                    rows.append({"task": task, "estimator": row, "metric": target, **cell,
+                value = cell(list(runs), metric, cell_seed(seed, task, row, target), n_boot)
+                if value is not None:
+                    rows.append({"task": task, "estimator": row, "metric": target, **value,
                                  "n_seeds": len(runs), "expected_seeds": len(expected[task]),
                                  "missing_seeds": "", "command": f"(the records of {estimator})",
                                  "commit": ""})

@@ -42,8 +42,8 @@ def test_committed_table_rebuilds_from_committed_records(table, tmp_path, monkey
                                            "studies.trackstar_projection"),
                                           ("leaderboard_profile.md", "studies.sweep_profile")])
 def test_committed_study_rebuilds_from_committed_records(name, module, tmp_path, monkeypatch):
-    """A generated study (``results/FINDINGS.md``, ``results/trackstar_projection.md``)
-    rebuilds byte for byte with the command its header names."""
+    """A generated study (``results/FINDINGS.md``, ``trackstar_projection.md``,
+    ``leaderboard_profile.md``) rebuilds byte for byte with the command its header names."""
     path = REPO / "results" / name
     if not path.exists():
         pytest.skip(f"results/{name} is not committed")
